@@ -1,0 +1,41 @@
+"""Domain exceptions. The service layer maps each to one gRPC status code; nothing else does.
+
+The engine and the bundles raise these and never import grpc (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+
+class RagmixError(Exception):
+    """Base of every error ragmix reports to a caller."""
+
+
+class ValidationError(RagmixError, ValueError):
+    """A request parameter is out of range. Maps to INVALID_ARGUMENT.
+
+    The message names the parameter, the allowed range and the value received, in the form
+    "top_k must be in [1, 20], got 50."
+    """
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class NotFoundError(RagmixError, LookupError):
+    """Something a request names does not exist (a passage id). Maps to NOT_FOUND."""
+
+
+class OverloadedError(RagmixError):
+    """The server refuses new work rather than queue it without bound. Maps to RESOURCE_EXHAUSTED."""
+
+
+class UnavailableError(RagmixError):
+    """The server is shutting down or not ready. Maps to UNAVAILABLE."""
+
+
+class BundleError(RagmixError):
+    """A model or index bundle on disk is missing, corrupt or does not fit the others.
+
+    Raised at load time, so the server refuses to start with a message that says which file and why.
+    """
