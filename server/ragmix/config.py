@@ -1,0 +1,146 @@
+"""Server settings: one dataclass, filled from defaults < config file < RAGMIX_* env vars < CLI flags.
+
+Validated once at start-up, so a bad setting stops the server with a message rather than a request
+failing later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ragmix.errors import ValidationError
+
+ENV_PREFIX = "RAGMIX_"
+
+
+@dataclass
+class ServerConfig:
+    """Every knob of `ragmix serve`. Field names are the flag names with '-' for '_'."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 = pick a free one)"})
+    generator: str | None = field(
+        default=None, metadata={"help": "generator bundle folder (default: embedded SmolLM2)"}
+    )
+    encoder: str | None = field(
+        default=None, metadata={"help": "encoder bundle folder (default: embedded MiniLM)"}
+    )
+    index: str | None = field(
+        default=None, metadata={"help": "index bundle folder (default: Python reference topics)"}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "where default bundles are built (env RAGMIX_CACHE_DIR)"}
+    )
+    threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads (0 = cores)"})
+    max_top_k: int = field(default=20, metadata={"help": "largest top_k a request may ask for"})
+    default_top_k: int = field(default=5, metadata={"help": "top_k when a request leaves it 0"})
+    max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens accepted"})
+    default_max_new_tokens: int = field(
+        default=128, metadata={"help": "max_new_tokens when a request leaves it 0"}
+    )
+    max_query_chars: int = field(default=2000, metadata={"help": "longest query accepted"})
+    max_concurrent_requests: int = field(
+        default=16, metadata={"help": "requests decoded at once in the running batch"}
+    )
+    max_queued_requests: int = field(
+        default=64, metadata={"help": "requests waiting for admission; beyond: RESOURCE_EXHAUSTED"}
+    )
+    max_batch_rows: int = field(
+        default=64, metadata={"help": "passage rows in the running batch (K per request)"}
+    )
+    grace_seconds: float = field(
+        default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may finish"}
+    )
+    config: str | None = field(default=None, metadata={"help": "TOML file with these settings"})
+
+    def validate(self) -> ServerConfig:
+        positive = (
+            "max_top_k",
+            "default_top_k",
+            "max_new_tokens",
+            "default_max_new_tokens",
+            "max_query_chars",
+            "max_concurrent_requests",
+            "max_batch_rows",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValidationError(name, f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_queued_requests < 0:
+            raise ValidationError(
+                "max_queued_requests",
+                f"max_queued_requests must be >= 0, got {self.max_queued_requests}.",
+            )
+        if not 0 <= self.port <= 65535:
+            raise ValidationError("port", f"port must be in [0, 65535], got {self.port}.")
+        if self.default_top_k > self.max_top_k:
+            raise ValidationError(
+                "default_top_k",
+                f"default_top_k ({self.default_top_k}) must not exceed max_top_k ({self.max_top_k}).",
+            )
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValidationError(
+                "default_max_new_tokens",
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must not exceed "
+                f"max_new_tokens ({self.max_new_tokens}).",
+            )
+        if self.max_batch_rows < self.max_top_k:
+            raise ValidationError(
+                "max_batch_rows",
+                f"max_batch_rows ({self.max_batch_rows}) must be >= max_top_k ({self.max_top_k}) "
+                "so one request always fits.",
+            )
+        if self.grace_seconds < 0:
+            raise ValidationError(
+                "grace_seconds", f"grace_seconds must be >= 0, got {self.grace_seconds}."
+            )
+        return self
+
+
+def _coerce(f: dataclasses.Field[Any], raw: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(f.name, f"{f.name} must be a number, got {raw!r}.") from e
+    return None if raw in ("", None) else str(raw)
+
+
+def load_config(
+    cli: dict[str, Any] | None = None, env: dict[str, str] | None = None
+) -> ServerConfig:
+    """Merge defaults, the TOML file (`--config` or RAGMIX_CONFIG), env vars and CLI values."""
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    env = dict(os.environ if env is None else env)
+    known = {f.name: f for f in fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    path = cli.get("config") or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValidationError("config", f"cannot read config file {path}: {e}") from e
+        data = data.get("serve", data)
+        for key, raw in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValidationError(
+                    "config", f"unknown setting {key!r} in {path}; known: {', '.join(known)}."
+                )
+            values[name] = _coerce(known[name], raw)
+    for name, f in known.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and name != "config":
+            values[name] = _coerce(f, raw)
+    for name, raw in cli.items():
+        if name in known:
+            values[name] = _coerce(known[name], raw)
+    return ServerConfig(**values).validate()
