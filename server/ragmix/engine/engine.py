@@ -1,0 +1,331 @@
+"""The serving engine: one thread owns the generator and runs the token loop for every request.
+
+Each step (continuous batching):
+    admit    waiting requests join: their K prompts are prefilled together
+    decode   one generator pass over all running rows of all requests
+    mix      one kernel call turns all [rows, vocab] logits into per-request tokens
+    update   tokens are streamed; finished and cancelled requests leave the batch
+
+The asyncio side (`generate`) never runs model work: it awaits events the engine thread posts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ragmix import kernels
+from ragmix.engine import kv
+from ragmix.engine.outputs import DoneEvent, Event, PassagesEvent, RetrievedPassage
+from ragmix.engine.params import DecodingParams, Limits, Mixture, RetrievalParams
+from ragmix.engine.prompts import PromptTemplate, concat_text, passage_text, tokenize_prompt
+from ragmix.engine.request import Request
+from ragmix.engine.retrieval import RetrievalBatcher
+from ragmix.errors import OverloadedError, UnavailableError, ValidationError
+from ragmix.models.generator import Generator
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    limits: Limits = field(default_factory=Limits)
+    max_concurrent_requests: int = 16  # requests in the running batch
+    max_queued_requests: int = 64  # requests waiting for admission
+    max_batch_rows: int = 64  # passage rows in the running batch
+    max_prefill_rows: int = 32  # rows prefilled in one step (bounds a step's latency and memory)
+
+
+class Engine:
+    def __init__(
+        self, generator: Generator, retrieval: RetrievalBatcher, config: EngineConfig
+    ) -> None:
+        self.generator = generator
+        self.retrieval = retrieval
+        self.config = config
+        self.template = PromptTemplate.parse(generator.prompt_template)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._batch = kv.Batch.empty(generator)
+        self._cv = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="ragmix-engine", daemon=True)
+        self.on_step: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
+
+    # ----------------------------------------------------------------- lifecycle (any thread)
+
+    def start(self) -> None:
+        kernels.warmup()
+        self._thread.start()
+
+    def stop_admitting(self) -> None:
+        """New requests get UNAVAILABLE; requests already admitted or waiting run to completion."""
+        self._accepting = False
+
+    @property
+    def in_flight(self) -> int:
+        with self._cv:
+            return len(self._waiting) + len(self._running)
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still in flight end with UNAVAILABLE."""
+        self._accepting = False
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self.retrieval.close()
+
+    # ----------------------------------------------------------------- asyncio API
+
+    async def retrieve(self, params: RetrievalParams) -> tuple[list[RetrievedPassage], float]:
+        """Top-K passages with their prior, and the retrieval time in milliseconds."""
+        params.verify(self.config.limits)
+        self._check_accepting()
+        return await self.retrieval.retrieve(params)
+
+    async def generate(
+        self, retrieval: RetrievalParams, decoding: DecodingParams, mixture: Mixture
+    ) -> AsyncIterator[Event]:
+        """Stream PassagesEvent, then a TokenEvent per token, then DoneEvent.
+
+        Closing the iterator early (client cancelled, deadline passed) frees the request's rows at
+        the engine's next step.
+        """
+        arrival = time.perf_counter()
+        limits = self.config.limits
+        retrieval.verify(limits)
+        decoding.verify(limits)
+        if mixture is Mixture.SEQUENCE:
+            raise ValidationError(
+                "mixture",
+                "mixture MIXTURE_SEQUENCE is not served by this version yet; use MIXTURE_TOKEN "
+                "or MIXTURE_CONCAT.",
+            )
+        self._check_capacity()
+        passages, retrieval_ms = await self.retrieval.retrieve(retrieval)
+        yield PassagesEvent(passages)
+
+        prompts, log_prior = await asyncio.to_thread(
+            self._prompts, passages, retrieval.query, mixture, decoding.max_new_tokens
+        )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        request = Request(
+            id=f"r{next(self._ids)}",
+            mixture=mixture,
+            decoding=decoding,
+            passages=passages,
+            prompts=prompts,
+            log_prior=log_prior,
+            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            decode_text=self.generator.decode,
+            eos_ids=self.generator.eos_token_ids,
+            arrival=arrival,
+            retrieval_ms=retrieval_ms,
+        )
+        self._submit(request)
+        finished = False
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, BaseException):
+                    finished = True
+                    raise ev
+                if isinstance(ev, DoneEvent):
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(request)
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    # ----------------------------------------------------------------- admission
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise UnavailableError("the server is shutting down; retry on another replica.")
+
+    def _check_capacity(self) -> None:
+        self._check_accepting()
+        cfg = self.config
+        with self._cv:
+            free_slots = cfg.max_concurrent_requests - len(self._running)
+            if len(self._waiting) - max(free_slots, 0) >= cfg.max_queued_requests:
+                raise OverloadedError(
+                    f"the server is at capacity ({cfg.max_concurrent_requests} running, "
+                    f"{len(self._waiting)} queued, max_queued_requests={cfg.max_queued_requests}); "
+                    "retry later."
+                )
+
+    def _submit(self, request: Request) -> None:
+        self._check_capacity()
+        with self._cv:
+            self._waiting.append(request)
+            self._cv.notify()
+
+    def _prompts(
+        self,
+        passages: list[RetrievedPassage],
+        question: str,
+        mixture: Mixture,
+        max_new_tokens: int,
+    ) -> tuple[list, np.ndarray]:
+        encode = self.generator.encode
+        if mixture is Mixture.CONCAT:
+            slot = concat_text([(p.title, p.text) for p in passages])
+            prompts = [tokenize_prompt(self.template, encode, slot, question)]
+            log_prior = np.zeros(1, np.float32)
+        else:
+            prompts = [
+                tokenize_prompt(self.template, encode, passage_text(p.title, p.text), question)
+                for p in passages
+            ]
+            with np.errstate(divide="ignore"):
+                log_prior = np.log(np.array([p.prior for p in passages], np.float64))
+            log_prior = log_prior.astype(np.float32)
+        longest = max(len(p.ids) for p in prompts)
+        if longest + max_new_tokens > self.generator.max_positions:
+            raise ValidationError(
+                "max_new_tokens",
+                f"the prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                f"generator's context of {self.generator.max_positions} tokens; ask for fewer "
+                "tokens or fewer passages.",
+            )
+        return prompts, log_prior
+
+    def _admit(self) -> list[Request]:
+        """Pop waiting requests that fit the running batch's limits (FIFO, no overtaking)."""
+        cfg = self.config
+        admitted: list[Request] = []
+        rows = self._batch.rows
+        with self._cv:
+            while self._waiting:
+                r = self._waiting[0]
+                if r.cancelled:
+                    self._waiting.popleft()
+                    continue
+                new_rows = sum(a.rows for a in admitted) + r.rows
+                if (
+                    len(self._running) + len(admitted) >= cfg.max_concurrent_requests
+                    or rows + new_rows > cfg.max_batch_rows
+                    or (admitted and new_rows > cfg.max_prefill_rows)
+                ):
+                    break
+                admitted.append(self._waiting.popleft())
+        return admitted
+
+    # ----------------------------------------------------------------- the token loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._running or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a bug: fail the requests in flight, keep serving the next
+                LOG.exception("engine step failed; failing %d requests", len(self._running))
+                for r in self._running:
+                    r.emit(e)
+                self._running = []
+                self._batch = kv.Batch.empty(self.generator)
+        err = UnavailableError("the server shut down before this request finished.")
+        with self._cv:
+            for r in [*self._running, *self._waiting]:
+                r.emit(err)
+            self._running, self._waiting = [], collections.deque()
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self._drop_cancelled()
+        new = self._admit()
+        if not (new or self._running):
+            return
+
+        logits = []
+        if self._running:
+            logits.append(kv.decode(self.generator, self._batch))  # rows x V
+        if new:
+            tp = time.perf_counter()
+            new_logits, new_batch = kv.prefill(
+                self.generator, [p.ids for r in new for p in r.prompts]
+            )
+            prefill_ms = (time.perf_counter() - tp) * 1e3
+            for r in new:
+                r.admitted, r.prefill_ms = tp, prefill_ms
+            logits.append(new_logits)
+            self._batch = kv.concat(self._batch, new_batch)
+            self._running.extend(new)
+        reqs = self._running
+        all_logits = logits[0] if len(logits) == 1 else np.concatenate(logits)  # rows x V
+
+        # One kernel call for every request: mixture, choice, responsibilities.
+        offsets = np.zeros(len(reqs) + 1, np.int64)
+        np.cumsum([r.rows for r in reqs], out=offsets[1:])
+        top_n = max(r.decoding.top_n for r in reqs)
+        res = kernels.mixture_step(
+            all_logits,
+            np.concatenate([r.log_prior for r in reqs]),
+            offsets,
+            np.array([r.decoding.temperature for r in reqs], np.float32),
+            np.array([r.decoding.top_k for r in reqs], np.int32),
+            np.array([r.decoding.top_p for r in reqs], np.float32),
+            np.array([r.draw() for r in reqs], np.float64),
+            top_n,
+        )
+
+        keep: list[int] = []
+        still: list[Request] = []
+        for g, r in enumerate(reqs):
+            a, b = offsets[g], offsets[g + 1]
+            n = r.decoding.top_n
+            top = list(
+                zip(res.top_ids[g, :n].tolist(), res.top_logprobs[g, :n].tolist(), strict=True)
+            )
+            token = int(res.token[g])
+            if r.on_token(token, float(res.logprob[g]), res.responsibility[a:b], top):
+                continue
+            self._batch.last[a:b] = token
+            keep.extend(range(a, b))
+            still.append(r)
+        if len(still) != len(reqs):
+            self._batch = kv.select(self._batch, np.array(keep, np.int64))
+        self._running = still
+        if self.on_step is not None:
+            self.on_step(int(offsets[-1]), time.perf_counter() - t0)
+
+    def _drop_cancelled(self) -> None:
+        if not any(r.cancelled for r in self._running):
+            return
+        keep: list[int] = []
+        still: list[Request] = []
+        start = 0
+        for r in self._running:
+            if not r.cancelled:
+                keep.extend(range(start, start + r.rows))
+                still.append(r)
+            else:
+                LOG.info("request %s cancelled after %d tokens", r.id, len(r.tokens))
+            start += r.rows
+        self._batch = kv.select(self._batch, np.array(keep, np.int64))
+        self._running = still

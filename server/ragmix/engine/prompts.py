@@ -1,0 +1,77 @@
+"""Prompts: the passage part and the rest, tokenised separately.
+
+The template puts the passage before the question, so the tokens of a prompt's passage part depend
+on the passage alone. Tokenising the two parts separately (never across the boundary) makes that
+exact: a cached passage prefix and a freshly computed one hold the very same token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ragmix.errors import BundleError
+
+PASSAGE_SLOT = "{passage}"
+QUESTION_SLOT = "{question}"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A model bundle's prompt template, pre-split at the passage/question boundary."""
+
+    head: str  # everything before the passage
+    middle: str  # between the passage and the question
+    tail: str  # after the question
+
+    @classmethod
+    def parse(cls, template: str) -> PromptTemplate:
+        """Split a str.format template with one {passage} slot followed by one {question} slot."""
+        if template.count(PASSAGE_SLOT) != 1 or template.count(QUESTION_SLOT) != 1:
+            raise BundleError(
+                "prompt_template must contain exactly one {passage} and one {question} slot, got "
+                f"{template!r}."
+            )
+        head, rest = template.split(PASSAGE_SLOT)
+        if QUESTION_SLOT not in rest:
+            raise BundleError(
+                "prompt_template must put {passage} before {question} (the passage prefix cache "
+                f"depends on it), got {template!r}."
+            )
+        middle, tail = rest.split(QUESTION_SLOT)
+        # The pieces hold only literal text now: undo str.format's brace escaping.
+        return cls(*(p.replace("{{", "{").replace("}}", "}") for p in (head, middle, tail)))
+
+    def passage_part(self, passage: str) -> str:
+        return self.head + passage
+
+    def rest(self, question: str) -> str:
+        return self.middle + question + self.tail
+
+
+def passage_text(title: str, text: str) -> str:
+    """How one passage fills the {passage} slot (title line, then the text, as in HF's retriever)."""
+    return f"{title}\n{text}" if title else text
+
+
+def concat_text(passages: Sequence[tuple[str, str]]) -> str:
+    """The {passage} slot of a Concat prompt: all K passages, numbered in rank order."""
+    return "\n\n".join(f"[{i}] {passage_text(t, x)}" for i, (t, x) in enumerate(passages, 1))
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt as two token pieces; `ids` is their concatenation."""
+
+    passage: list[int]
+    rest: list[int]
+
+    @property
+    def ids(self) -> list[int]:
+        return self.passage + self.rest
+
+
+def tokenize_prompt(
+    template: PromptTemplate, encode: Callable[[str], list[int]], passage: str, question: str
+) -> PromptTokens:
+    return PromptTokens(encode(template.passage_part(passage)), encode(template.rest(question)))

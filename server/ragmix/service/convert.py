@@ -1,0 +1,81 @@
+"""Protobuf <-> engine types. Servicers only translate; the engine never sees a message."""
+
+from __future__ import annotations
+
+from ragmix.engine.outputs import DoneEvent, Event, PassagesEvent, RetrievedPassage, TokenEvent
+from ragmix.engine.params import DecodingParams, Mixture, RetrievalParams
+from ragmix.errors import ValidationError
+from ragmix_client._proto import ragmix_pb2 as pb
+
+
+def mixture_from_pb(value: int) -> Mixture:
+    if value == pb.MIXTURE_UNSPECIFIED:
+        return Mixture.TOKEN
+    try:
+        return Mixture(value)
+    except ValueError:
+        raise ValidationError(
+            "mixture", f"mixture must be one of TOKEN, SEQUENCE, CONCAT, got enum value {value}."
+        ) from None
+
+
+def retrieval_from_pb(
+    msg: pb.GenerateRequest | pb.ScoreRequest | pb.RetrieveRequest,
+) -> RetrievalParams:
+    return RetrievalParams(
+        query=msg.query,
+        top_k=msg.top_k,
+        retrieval_temperature=msg.retrieval_temperature,
+        passage_ids=list(getattr(msg, "passage_ids", [])),
+    )
+
+
+def decoding_from_pb(msg: pb.DecodingParams) -> DecodingParams:
+    return DecodingParams(
+        max_new_tokens=msg.max_new_tokens,
+        temperature=msg.temperature,
+        top_p=msg.top_p,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=list(msg.stop),
+        num_beams=msg.num_beams,
+    )
+
+
+def passage_to_pb(p: RetrievedPassage) -> pb.Passage:
+    return pb.Passage(id=p.id, title=p.title, text=p.text, score=p.score, prior=p.prior)
+
+
+def event_to_pb(ev: Event) -> pb.GenerateResponse:
+    if isinstance(ev, TokenEvent):
+        return pb.GenerateResponse(
+            token=pb.Token(
+                id=ev.id, text=ev.text, logprob=ev.logprob, responsibilities=ev.responsibilities
+            )
+        )
+    if isinstance(ev, PassagesEvent):
+        return pb.GenerateResponse(
+            passages=pb.Passages(passages=[passage_to_pb(p) for p in ev.passages])
+        )
+    if isinstance(ev, DoneEvent):
+        t = ev.timings
+        return pb.GenerateResponse(
+            done=pb.Done(
+                finish_reason=int(ev.finish_reason),
+                text=ev.text,
+                usage=pb.Usage(
+                    prompt_tokens=ev.usage.prompt_tokens,
+                    cached_prompt_tokens=ev.usage.cached_prompt_tokens,
+                    generated_tokens=ev.usage.generated_tokens,
+                ),
+                timings=pb.Timings(
+                    retrieval_ms=t.retrieval_ms,
+                    prefill_ms=t.prefill_ms,
+                    first_token_ms=t.first_token_ms,
+                    total_ms=t.total_ms,
+                    queue_ms=t.queue_ms,
+                ),
+                posterior=ev.posterior,
+            )
+        )
+    raise TypeError(f"unknown engine event {type(ev).__name__}")
