@@ -1,0 +1,15 @@
+"""Passage store + FAISS index bundles: read sources, chunk, build, load, search."""
+
+from ragmix.index.bundle import IndexBundle, build_index, ensure_default_index
+from ragmix.index.sources import Document, default_corpus, read_sources
+from ragmix.index.store import Passage
+
+__all__ = [
+    "Document",
+    "IndexBundle",
+    "Passage",
+    "build_index",
+    "default_corpus",
+    "ensure_default_index",
+    "read_sources",
+]

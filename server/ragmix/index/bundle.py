@@ -1,0 +1,227 @@
+"""Index bundles: passages.jsonl + a FAISS inner-product index + manifest.json, built atomically.
+
+The manifest pins the encoder's fingerprint: an index searched with vectors from another encoder
+returns confident nonsense, so loading refuses the mismatch instead (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+from ragmix import paths
+from ragmix.errors import BundleError, NotFoundError, ValidationError
+from ragmix.index.chunking import chunk_words
+from ragmix.index.sources import Document, default_corpus
+from ragmix.index.store import Passage, PassageIds, PassageStore, write_passages
+from ragmix.models import bundle
+
+if TYPE_CHECKING:
+    from ragmix.models.encoder import Encoder
+
+LOG = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+PASSAGES_FILE = "passages.jsonl"
+
+
+def chunk_documents(documents: Iterable[Document], words_per_passage: int) -> list[Passage]:
+    """Every document split into passages with unique, readable ids."""
+    ids = PassageIds()
+    passages: list[Passage] = []
+    source_of: dict[str, str] = {}
+    for doc in documents:
+        chunks = chunk_words(doc.text, words_per_passage)
+        if not chunks:
+            LOG.warning("skipping %s (%r): no text", doc.source, doc.title)
+            continue
+        for pid, text in zip(ids.for_document(doc.title, doc.id, len(chunks)), chunks, strict=True):
+            if pid in source_of:
+                raise ValidationError(
+                    "sources",
+                    f"passage id {pid!r} from {doc.source} is already used by {source_of[pid]}; "
+                    "ids must be unique.",
+                )
+            source_of[pid] = doc.source
+            passages.append(Passage(id=pid, title=doc.title, text=text))
+    return passages
+
+
+def build_index(
+    documents: Iterable[Document],
+    encoder: Encoder,
+    out: Path,
+    *,
+    words_per_passage: int = 100,
+    batch_size: int = 64,
+    progress: bool = True,
+    overwrite: bool = False,
+    name: str | None = None,
+) -> Path:
+    """Chunk, embed and write an index bundle at `out`; nothing appears there unless all succeeds."""
+    started = time.perf_counter()
+    if Path(out).exists() and not overwrite:  # say so before minutes of encoding, not after
+        raise BundleError(f"{out} already exists; pass overwrite to replace it.")
+    passages = chunk_documents(documents, words_per_passage)
+    if not passages:
+        raise ValidationError("sources", "the sources hold no text to index.")
+    name = name or Path(out).name
+    with bundle.atomic_dir(out, overwrite=overwrite) as tmp:
+        write_passages(tmp / PASSAGES_FILE, passages)
+        vectors = encoder.encode(
+            [p.text for p in passages], batch_size=batch_size, progress=progress
+        )
+        if vectors.shape != (len(passages), encoder.dimension):  # passages x dim
+            raise BundleError(
+                f"encoder {encoder.name} returned vectors of shape {vectors.shape}, "
+                f"expected {(len(passages), encoder.dimension)}."
+            )
+        index = faiss.IndexFlatIP(encoder.dimension)
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        files = bundle.file_entries(tmp, [INDEX_FILE, PASSAGES_FILE])
+        bundle.write_manifest(
+            tmp,
+            {
+                "format": bundle.FORMAT_VERSION,
+                "kind": "index",
+                "name": name,
+                "encoder": {
+                    "name": encoder.name,
+                    "fingerprint": encoder.fingerprint,
+                    "dimension": encoder.dimension,
+                },
+                "dimension": encoder.dimension,
+                "metric": "inner_product",
+                "faiss_index": "IndexFlatIP",
+                "passages": len(passages),
+                "words_per_passage": words_per_passage,
+                "files": files,
+            },
+        )
+    LOG.info(
+        "built index %s: %d passages in %.1f s", name, len(passages), time.perf_counter() - started
+    )
+    return Path(out)
+
+
+def check_encoder(
+    folder: Path, manifest: dict[str, Any], fingerprint: str, encoder_name: str | None = None
+) -> None:
+    built_with = manifest.get("encoder", {})
+    if built_with.get("fingerprint") == fingerprint:
+        return
+    loaded = f"encoder {encoder_name} " if encoder_name else "an encoder "
+    raise BundleError(
+        f"index {manifest.get('name', folder)} ({folder}) was built with encoder "
+        f"{built_with.get('name', '?')} (fingerprint {str(built_with.get('fingerprint'))[:12]}…) "
+        f"but the server loaded {loaded}(fingerprint {fingerprint[:12]}…); rebuild with "
+        f"`ragmix index build SOURCES --encoder ENCODER_DIR --out {folder}` or serve the encoder "
+        "it was built with."
+    )
+
+
+class IndexBundle:
+    """A loaded index: FAISS search over unit passage vectors plus the passage store."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], index: Any, store: PassageStore):
+        self.folder = folder
+        self.manifest = manifest
+        self.name: str = manifest["name"]
+        self.size: int = int(index.ntotal)
+        self.dimension: int = int(index.d)
+        self.encoder_fingerprint: str = manifest["encoder"]["fingerprint"]
+        self._index = index
+        self._store = store
+
+    @classmethod
+    def load(
+        cls,
+        folder: Path,
+        *,
+        encoder_fingerprint: str | None = None,
+        encoder_name: str | None = None,
+    ) -> IndexBundle:
+        folder = Path(folder)
+        manifest = bundle.read_manifest(folder, "index", verify=False)
+        if encoder_fingerprint is not None:
+            check_encoder(folder, manifest, encoder_fingerprint, encoder_name)
+        bundle.verify_files(folder, manifest)
+        index = faiss.read_index(str(folder / INDEX_FILE))
+        store = PassageStore.load(folder / PASSAGES_FILE, manifest["name"])
+        if (
+            not index.ntotal == len(store) == manifest["passages"]
+            or index.d != manifest["dimension"]
+        ):
+            raise BundleError(
+                f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors of {index.d} dims, "
+                f"{PASSAGES_FILE} {len(store)} passages, the manifest says {manifest['passages']} "
+                f"of {manifest['dimension']}; rebuild the index."
+            )
+        LOG.info("loaded index %s: %d passages from %s", manifest["name"], len(store), folder)
+        return cls(folder, manifest, index, store)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products for a batch of query vectors, in one FAISS call: (D, I)."""
+        if k < 1:
+            raise ValidationError("k", f"k must be >= 1, got {k}.")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)  # queries x dim
+        if queries.ndim != 2 or queries.shape[1] != self.dimension:
+            raise ValidationError(
+                "queries",
+                f"queries must have shape [n, {self.dimension}], got {list(queries.shape)}.",
+            )
+        scores, rows = self._index.search(queries, min(k, self.size))  # queries x k, both
+        return scores, rows.astype(np.int64, copy=False)
+
+    def passage(self, row: int) -> Passage:
+        return self._store[int(row)]
+
+    def rows_of(self, ids: Sequence[str]) -> np.ndarray:
+        return self._store.rows_of(ids)
+
+    def vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored passage vectors d(z), to score passages a request names by id."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)  # rows
+        bad = rows[(rows < 0) | (rows >= self.size)]
+        if bad.size:
+            raise NotFoundError(
+                f"passage row {int(bad[0])} is out of range for index {self.name} "
+                f"({self.size} passages)."
+            )
+        if not rows.size:
+            return np.empty((0, self.dimension), dtype=np.float32)
+        return self._index.reconstruct_batch(rows)  # rows x dim
+
+    def __repr__(self) -> str:
+        return f"IndexBundle({self.name!r}, size={self.size}, folder={str(self.folder)!r})"
+
+
+def ensure_default_index(cache: Path, encoder: Encoder, *, progress: bool = True) -> Path:
+    """The Python reference index for `encoder` in the cache, built (~650 passages) when missing.
+
+    A default index that is damaged or was built with another encoder is derived data: rebuild it.
+    """
+    out = paths.default_index_dir(cache)
+    if out.exists():
+        try:
+            manifest = bundle.read_manifest(out, "index")
+            check_encoder(out, manifest, encoder.fingerprint, encoder.name)
+            return out
+        except BundleError as e:
+            LOG.warning("rebuilding the default index: %s", e)
+    LOG.info("building the default index %s with %s", out, encoder.name)
+    return build_index(
+        default_corpus(),
+        encoder,
+        out,
+        progress=progress,
+        overwrite=True,
+        name=paths.DEFAULT_INDEX,
+    )

@@ -1,0 +1,245 @@
+"""Index bundles with a tiny real encoder and real FAISS: sources, chunking, build, load, search."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_encoder import TRAINING_TEXT, tiny_encoder_bundle
+
+from ragmix.errors import BundleError, NotFoundError, ValidationError
+from ragmix.index import IndexBundle, build_index, default_corpus, read_sources
+from ragmix.index.chunking import chunk_words
+from ragmix.index.store import slug
+from ragmix.models.encoder import Encoder
+
+pytest.importorskip("torch")
+
+VOCAB = sorted(set(TRAINING_TEXT.lower().replace(".", " ").replace(",", " ").split()))
+
+
+def words(n: int, seed: int) -> str:
+    """n words the tiny tokenizer knows, in a seed-specific order, with a newline every 12."""
+    rng = random.Random(seed)
+    out = [rng.choice(VOCAB) for _ in range(n)]
+    return "\n".join(" ".join(out[i : i + 12]) for i in range(0, n, 12))
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
+    return Encoder.load(tiny_encoder_bundle(tmp_path_factory.mktemp("enc")))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "notes.txt").write_text(words(250, 1))
+    (root / "guide.md").write_text("Intro line.\n\n# Loop Statements\n\n" + words(150, 2))
+    rows = [
+        {"title": "Generators", "text": words(90, 3), "id": "gen-1"},
+        {"title": "Context managers", "text": words(230, 4), "id": "ctx"},
+        {"title": "Generators", "text": words(40, 5)},
+    ]
+    (root / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    folder = root / "folder"
+    (folder / "deeper").mkdir(parents=True)
+    (folder / "b.txt").write_text(words(120, 6))
+    (folder / "deeper" / "a.md").write_text(words(60, 7))
+    (folder / "ignored.pdf").write_bytes(b"%PDF")
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "x.txt").write_text(words(30, 8))
+    return [root / "notes.txt", root / "guide.md", root / "rows.jsonl", folder]
+
+
+@pytest.fixture(scope="module")
+def index_dir(
+    encoder: Encoder, corpus: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("idx") / "small"
+    return build_index(read_sources(corpus), encoder, out, batch_size=4, progress=False)
+
+
+# chunking ------------------------------------------------------------------------------------
+
+
+def test_chunks_are_100_words_and_keep_newlines() -> None:
+    text = words(250, 0)
+    chunks = chunk_words(text)
+    assert [len(c.split()) for c in chunks] == [100, 100, 50]
+    assert all("\n" in c for c in chunks)
+    assert " ".join(" ".join(chunks).split()) == " ".join(text.split())
+
+
+def test_short_tail_joins_the_previous_chunk() -> None:
+    assert [len(c.split()) for c in chunk_words(words(210, 0))] == [100, 110]
+    assert [len(c.split()) for c in chunk_words(words(30, 0))] == [30]
+    assert chunk_words(" \n\t ") == []
+    with pytest.raises(ValidationError, match="words_per_passage must be >= 1, got 0"):
+        chunk_words("a b", 0)
+
+
+# sources -------------------------------------------------------------------------------------
+
+
+def test_read_sources_titles_ids_and_folder_order(corpus: list[Path]) -> None:
+    docs = list(read_sources(corpus))
+    assert [d.title for d in docs] == [
+        "notes",
+        "Loop Statements",
+        "Generators",
+        "Context managers",
+        "Generators",
+        "b",
+        "a",
+    ]
+    assert [d.id for d in docs][2:5] == ["gen-1", "ctx", None]
+    assert docs[2].source.endswith("rows.jsonl:1")
+
+
+def test_read_sources_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "doc.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ValidationError, match=r"doc\.pdf: unsupported file type '\.pdf'"):
+        list(read_sources([tmp_path / "doc.pdf"]))
+    with pytest.raises(ValidationError, match=r"missing\.txt does not exist"):
+        list(read_sources([tmp_path / "missing.txt"]))
+    (tmp_path / "bad.jsonl").write_text('{"title": "a", "text": "b"}\n{"title": 1}\n')
+    with pytest.raises(ValidationError, match=r"bad\.jsonl:2: each line must be an object"):
+        list(read_sources([tmp_path / "bad.jsonl"]))
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValidationError, match=r"latin\.txt is not UTF-8"):
+        list(read_sources([tmp_path / "latin.txt"]))
+
+
+def test_default_corpus_is_the_python_reference() -> None:
+    docs = list(default_corpus())
+    assert 60 <= len(docs) <= 120
+    titles = {d.title for d in docs}
+    assert {"yield", "with", "for", "try"} <= titles
+    assert sum(len(d.text.split()) for d in docs) > 40_000
+    assert {d.source for d in docs} == {"pydoc_data.topics"}
+
+
+# build and load ------------------------------------------------------------------------------
+
+
+def test_build_writes_passages_with_readable_unique_ids(index_dir: Path) -> None:
+    index = IndexBundle.load(index_dir)
+    ids = [index.passage(r).id for r in range(index.size)]
+    assert ids == [
+        "notes:0", "notes:1", "notes:2",
+        "loop-statements:0", "loop-statements:1",
+        "gen-1",
+        "ctx:0", "ctx:1", "ctx:2",
+        "generators:0",
+        "b:0",
+        "a:0",
+    ]  # fmt: skip
+    lengths = [len(index.passage(r).text.split()) for r in range(index.size)]
+    assert max(lengths) <= 125 and min(lengths) >= 25
+    manifest = index.manifest
+    assert manifest["passages"] == index.size == 12
+    assert manifest["metric"] == "inner_product" and manifest["faiss_index"] == "IndexFlatIP"
+    assert set(manifest["files"]) == {"index.faiss", "passages.jsonl"}
+    assert slug("The yield statement!") == "the-yield-statement"
+
+
+def test_exact_duplicate_query_finds_its_passage(index_dir: Path, encoder: Encoder) -> None:
+    index = IndexBundle.load(index_dir, encoder_fingerprint=encoder.fingerprint)
+    texts = [index.passage(r).text for r in range(index.size)]
+    queries = encoder.encode(texts)  # passages x dim
+    scores, rows = index.search(queries, 3)  # passages x 3
+    assert rows.dtype == np.int64 and scores.dtype == np.float32 and rows.shape == (index.size, 3)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(index.size))
+    recomputed = np.einsum(
+        "nkd,nd->nk", index.vectors(rows.ravel()).reshape(*rows.shape, -1), queries
+    )
+    np.testing.assert_allclose(scores, recomputed, rtol=1e-5, atol=1e-6)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_k_is_clipped_to_the_index_size(index_dir: Path, encoder: Encoder) -> None:
+    index = IndexBundle.load(index_dir)
+    scores, rows = index.search(encoder.encode(["a loop"]), 50)
+    assert rows.shape == scores.shape == (1, index.size)
+    assert sorted(rows[0].tolist()) == list(range(index.size))
+    with pytest.raises(ValidationError, match="k must be >= 1, got 0"):
+        index.search(encoder.encode(["a loop"]), 0)
+    with pytest.raises(ValidationError, match=r"shape \[n, 32\], got \[1, 5\]"):
+        index.search(np.zeros((1, 5), dtype=np.float32), 1)
+
+
+def test_rows_of_and_vectors(index_dir: Path, encoder: Encoder) -> None:
+    index = IndexBundle.load(index_dir)
+    rows = index.rows_of(["ctx:1", "gen-1"])
+    assert [index.passage(r).id for r in rows] == ["ctx:1", "gen-1"]
+    texts = [index.passage(r).text for r in rows]
+    np.testing.assert_allclose(index.vectors(rows), encoder.encode(texts), atol=1e-5)
+    with pytest.raises(NotFoundError, match="'nope:0', 'gone'"):
+        index.rows_of(["ctx:0", "nope:0", "gone"])
+    with pytest.raises(NotFoundError, match="out of range"):
+        index.vectors([index.size])
+
+
+def test_index_refuses_another_encoder(index_dir: Path, encoder: Encoder, tmp_path: Path) -> None:
+    other = Encoder.load(tiny_encoder_bundle(tmp_path, seed=1))
+    assert other.fingerprint != encoder.fingerprint
+    with pytest.raises(BundleError) as err:
+        IndexBundle.load(index_dir, encoder_fingerprint=other.fingerprint, encoder_name=other.name)
+    message = str(err.value)
+    assert f"built with encoder {encoder.name} (fingerprint {encoder.fingerprint[:12]}" in message
+    assert f"loaded encoder {other.name} (fingerprint {other.fingerprint[:12]}" in message
+    assert "ragmix index build" in message
+
+
+def test_index_refuses_a_tampered_file(index_dir: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(index_dir, tmp_path / "copy")
+    text = (copy / "passages.jsonl").read_text()
+    (copy / "passages.jsonl").write_text(text.replace("notes:0", "notes:9", 1))
+    with pytest.raises(BundleError, match=r"checksum mismatch for passages\.jsonl"):
+        IndexBundle.load(copy)
+
+
+class FailingEncoder(Encoder):
+    """A real encoder whose run fails, as a full disk or a killed worker would."""
+
+    def encode(self, texts: Sequence[str], **kwargs: object) -> np.ndarray:
+        raise RuntimeError("encoder failed mid-build")
+
+
+def test_failed_build_leaves_nothing_behind(encoder: Encoder, corpus: list[Path], tmp_path: Path):
+    failing = FailingEncoder(encoder.folder, encoder.manifest, encoder._session, encoder._tokenizer)
+    with pytest.raises(RuntimeError, match="mid-build"):
+        build_index(read_sources(corpus), failing, tmp_path / "idx", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # A failed rebuild over an existing index keeps the old one intact.
+    good = build_index(read_sources(corpus[:1]), encoder, tmp_path / "idx", progress=False)
+    with pytest.raises(RuntimeError, match="mid-build"):
+        build_index(read_sources(corpus), failing, good, progress=False, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]
+    assert IndexBundle.load(good).size == 3
+
+
+def test_build_refuses_existing_out_empty_corpus_and_duplicate_ids(
+    index_dir: Path, encoder: Encoder, tmp_path: Path
+) -> None:
+    with pytest.raises(BundleError, match="already exists"):
+        build_index(read_sources([tmp_path]), encoder, index_dir, progress=False)
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(ValidationError, match="no text to index"):
+        build_index(read_sources([tmp_path]), encoder, tmp_path / "out", progress=False)
+    (tmp_path / "dup.jsonl").write_text(
+        json.dumps({"title": "a", "text": "one", "id": "x"})
+        + "\n"
+        + json.dumps({"title": "b", "text": "two", "id": "x"})
+        + "\n"
+    )
+    with pytest.raises(
+        ValidationError, match=r"passage id 'x' from .*dup\.jsonl:2 is already used"
+    ):
+        build_index(read_sources([tmp_path / "dup.jsonl"]), encoder, tmp_path / "o", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
