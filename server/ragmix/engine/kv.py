@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ragmix.models.generator import positions_from_mask
+
 if TYPE_CHECKING:
     from ragmix.models.generator import Generator
 
@@ -58,7 +60,7 @@ def prefill(generator: Generator, prompts: Sequence[Sequence[int]]) -> tuple[np.
     for i, p in enumerate(prompts):
         ids[i, s - len(p) :] = p
         mask[i, s - len(p) :] = 1
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # rows x S
+    positions = positions_from_mask(mask, s)  # rows x S
     logits_index = np.full((n, 1), s - 1, np.int64)  # rows x 1: the last prompt position
     logits, present = generator.forward(
         ids, mask, positions, generator.empty_cache(n), logits_index

@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny real bundles (random weights, real tokenizers, real ONNX, real FAISS) and a
+real server subprocess on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_TOPICS = ("yield", "return", "for", "while", "if", "import", "class", "function", "try")
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import tiny_generator_bundle
+
+    return tiny_generator_bundle(tmp_path_factory.mktemp("generator"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_encoder import tiny_encoder_bundle
+
+    return tiny_encoder_bundle(tmp_path_factory.mktemp("encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_index_dir(tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real FAISS index over a few Python reference topics, embedded by the tiny encoder."""
+    from ragmix.index import build_index, default_corpus
+    from ragmix.models.encoder import Encoder
+
+    docs = [d for d in default_corpus() if d.title in TINY_TOPICS]
+    assert len(docs) >= 5
+    out = tmp_path_factory.mktemp("index") / "tiny"
+    return build_index(docs, Encoder.load(tiny_encoder_dir), out, progress=False)
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    target: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start_server(args: list[str], log: Path, timeout: float = 300.0) -> ServerProcess:
+    """Run `ragmix serve --port 0 ARGS` and wait for its 'serving on' line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    f = open(log, "w")  # noqa: SIM115 - the process writes to it for its whole life
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ragmix.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(r"ragmix serving on ([\d.]+):(\d+)", log.read_text())
+        if m:
+            return ServerProcess(proc, f"{m[1]}:{m[2]}", log)
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start in {timeout} s:\n{log.read_text()}")
+
+
+def stop_server(server: ServerProcess, timeout: float = 60.0) -> int:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    return server.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_server(
+    tiny_generator_dir: Path,
+    tiny_encoder_dir: Path,
+    tiny_index_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServerProcess]:
+    """A real `ragmix serve` subprocess on loopback over the tiny bundles."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    server = start_server(
+        [
+            "--generator",
+            str(tiny_generator_dir),
+            "--encoder",
+            str(tiny_encoder_dir),
+            "--index",
+            str(tiny_index_dir),
+            "--max-top-k",
+            "8",
+            "--default-top-k",
+            "4",
+            "--max-new-tokens",
+            "48",
+            "--default-max-new-tokens",
+            "12",
+            "--max-batch-rows",
+            "32",
+            "--threads",
+            "1",
+        ],
+        log,
+    )
+    yield server
+    stop_server(server)

@@ -1,0 +1,231 @@
+"""The engine's token loop against an independent RAG-Token loop, on tiny real bundles.
+
+The reference recomputes every passage prompt from scratch at every step (no KV cache, no batching,
+no Numba): log_softmax per passage + log prior, logsumexp over passages, argmax. The engine must
+produce the same tokens, and concurrent requests the same answers as one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ragmix.engine.engine import Engine, EngineConfig
+from ragmix.engine.outputs import DoneEvent, FinishReason, PassagesEvent, TokenEvent
+from ragmix.engine.params import DecodingParams, Limits, Mixture, RetrievalParams
+from ragmix.engine.prompts import PromptTemplate, passage_text, tokenize_prompt
+from ragmix.engine.retrieval import RetrievalBatcher, Retriever
+from ragmix.errors import NotFoundError, OverloadedError, ValidationError
+from ragmix.index import IndexBundle
+from ragmix.models.encoder import Encoder
+from ragmix.models.generator import Generator
+
+QUESTIONS = [
+    "What does the yield statement do?",
+    "How does a for loop work?",
+    "What happens on import?",
+    "How are exceptions handled with try?",
+]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_generator_dir, tiny_encoder_dir, tiny_index_dir):
+    gen = Generator.load(tiny_generator_dir, threads=1)
+    enc = Encoder.load(tiny_encoder_dir, threads=1)
+    idx = IndexBundle.load(tiny_index_dir, encoder_fingerprint=enc.fingerprint)
+    return gen, enc, idx
+
+
+def make_engine(parts, **kw) -> Engine:
+    gen, enc, idx = parts
+    cfg = EngineConfig(limits=Limits(max_top_k=8, max_new_tokens=64), **kw)
+    engine = Engine(gen, RetrievalBatcher(Retriever(enc, idx)), cfg)
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(parts):
+    e = make_engine(parts)
+    yield e
+    e.shutdown()
+
+
+async def collect(engine, query, *, k=3, n=10, mixture=Mixture.TOKEN, **dec):
+    events = []
+    async for ev in engine.generate(
+        RetrievalParams(query, top_k=k), DecodingParams(max_new_tokens=n, **dec), mixture
+    ):
+        events.append(ev)
+    return events
+
+
+def reference_greedy(gen: Generator, prompts: list[list[int]], log_prior: np.ndarray, n: int):
+    """Independent RAG-Token greedy loop: full recompute per passage, per step."""
+    seqs = [list(p) for p in prompts]
+    out, logprobs = [], []
+    for _ in range(n):
+        rows = []
+        for s in seqs:
+            ids = np.array([s], np.int64)
+            mask = np.ones_like(ids)
+            pos = np.arange(len(s), dtype=np.int64)[None]
+            logits, _ = gen.forward(ids, mask, pos, gen.empty_cache(1), np.array([[len(s) - 1]]))
+            x = logits[0, 0].astype(np.float64)
+            rows.append(x - (x.max() + np.log(np.exp(x - x.max()).sum())))  # log_softmax
+        mix = np.logaddexp.reduce(np.stack(rows) + log_prior[:, None], axis=0)  # V
+        tok = int(np.argmax(mix))
+        out.append(tok)
+        logprobs.append(mix[tok])
+        if tok in gen.eos_token_ids:
+            break
+        for s in seqs:
+            s.append(tok)
+    return out, logprobs
+
+
+def test_token_mixture_matches_independent_reference(engine, parts):
+    gen = parts[0]
+    events = asyncio.run(collect(engine, QUESTIONS[0], k=3, n=10))
+    passages = events[0]
+    assert isinstance(passages, PassagesEvent) and len(passages.passages) == 3
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+
+    tpl = PromptTemplate.parse(gen.prompt_template)
+    prompts = [
+        tokenize_prompt(tpl, gen.encode, passage_text(p.title, p.text), QUESTIONS[0]).ids
+        for p in passages.passages
+    ]
+    log_prior = np.log([p.prior for p in passages.passages])
+    ref_tokens, ref_logprobs = reference_greedy(gen, prompts, log_prior, 10)
+    assert [t.id for t in tokens] == ref_tokens
+    np.testing.assert_allclose([t.logprob for t in tokens], ref_logprobs, atol=1e-4)
+    for t in tokens:
+        assert len(t.responsibilities) == 3
+        assert abs(sum(t.responsibilities) - 1) <= 1e-5
+    assert "".join(t.text for t in tokens) == done.text
+    assert abs(sum(done.posterior) - 1) <= 1e-5
+    assert done.usage.generated_tokens == len(tokens)
+    assert done.usage.prompt_tokens == sum(len(p) for p in prompts)
+    assert done.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+
+
+def test_concurrent_requests_equal_one_at_a_time(engine):
+    alone = [asyncio.run(collect(engine, q, k=k, n=12)) for q, k in zip(QUESTIONS, (1, 2, 3, 4))]
+
+    async def together():
+        return await asyncio.gather(
+            *(collect(engine, q, k=k, n=12) for q, k in zip(QUESTIONS, (1, 2, 3, 4)))
+        )
+
+    for a, b in zip(alone, asyncio.run(together())):
+        assert [e.id for e in a if isinstance(e, TokenEvent)] == [
+            e.id for e in b if isinstance(e, TokenEvent)
+        ]
+        assert a[-1].text == b[-1].text
+
+
+def test_concat_is_one_row_without_responsibilities(engine):
+    events = asyncio.run(collect(engine, QUESTIONS[1], k=3, n=5, mixture=Mixture.CONCAT))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert tokens and all(t.responsibilities == [] for t in tokens)
+    assert events[-1].posterior == []
+    assert len(events[0].passages) == 3
+
+
+def test_stop_string_ends_generation_and_is_not_returned(engine):
+    free = asyncio.run(collect(engine, QUESTIONS[0], k=2, n=20))
+    text = free[-1].text
+    if len(text) < 4:
+        pytest.skip("the tiny model ended too early to pick a stop string")
+    stop = text[2:4]
+    events = asyncio.run(collect(engine, QUESTIONS[0], k=2, n=20, stop=[stop]))
+    done = events[-1]
+    assert done.finish_reason == FinishReason.STOP
+    assert done.text == text[: text.find(stop)]
+    assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == done.text
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    a = asyncio.run(collect(engine, QUESTIONS[2], n=12, temperature=1.5, seed=7))
+    b = asyncio.run(collect(engine, QUESTIONS[2], n=12, temperature=1.5, seed=7))
+    ids = lambda evs: [e.id for e in evs if isinstance(e, TokenEvent)]  # noqa: E731
+    assert ids(a) == ids(b)
+
+
+def test_given_passage_ids_skip_retrieval(engine, parts):
+    idx = parts[2]
+    ids = [idx.passage(0).id, idx.passage(1).id]
+
+    async def run():
+        return [
+            ev
+            async for ev in engine.generate(
+                RetrievalParams(QUESTIONS[0], passage_ids=ids),
+                DecodingParams(max_new_tokens=2),
+                Mixture.TOKEN,
+            )
+        ]
+
+    events = asyncio.run(run())
+    assert [p.id for p in events[0].passages] == ids
+
+    async def unknown():
+        async for _ in engine.generate(
+            RetrievalParams("q", passage_ids=["no-such:0"]), DecodingParams(), Mixture.TOKEN
+        ):
+            pass
+
+    with pytest.raises(NotFoundError, match="no-such:0"):
+        asyncio.run(unknown())
+
+
+def test_cancel_frees_rows_at_the_next_step(engine):
+    async def run():
+        agen = engine.generate(
+            RetrievalParams(QUESTIONS[3], top_k=4), DecodingParams(max_new_tokens=60), Mixture.TOKEN
+        )
+        async for ev in agen:
+            if isinstance(ev, TokenEvent):
+                break
+        assert engine._batch.rows == 4
+        await agen.aclose()
+        for _ in range(200):
+            if engine._batch.rows == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(run())
+    assert engine.in_flight == 0
+
+
+def test_queue_limit_refuses_at_once(parts):
+    e = make_engine(parts, max_concurrent_requests=1, max_queued_requests=0)
+    try:
+
+        async def run():
+            first = e.generate(
+                RetrievalParams(QUESTIONS[0], top_k=2),
+                DecodingParams(max_new_tokens=60),
+                Mixture.TOKEN,
+            )
+            async for ev in first:
+                if isinstance(ev, TokenEvent):
+                    break
+            with pytest.raises(OverloadedError, match="max_queued_requests=0"):
+                await collect(e, QUESTIONS[1])
+            await first.aclose()
+
+        asyncio.run(run())
+    finally:
+        e.shutdown()
+
+
+def test_prompt_longer_than_context_is_refused(engine):
+    with pytest.raises(ValidationError, match="context"):
+        asyncio.run(collect(engine, QUESTIONS[0], n=64))
