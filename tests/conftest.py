@@ -42,7 +42,8 @@ def tiny_index_dir(tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFact
     docs = [d for d in default_corpus() if d.title in TINY_TOPICS]
     assert len(docs) >= 5
     out = tmp_path_factory.mktemp("index") / "tiny"
-    return build_index(docs, Encoder.load(tiny_encoder_dir), out, progress=False)
+    # 40-word passages keep the tiny tokenizer's prompts (~250 tokens) well inside the context.
+    return build_index(docs, Encoder.load(tiny_encoder_dir), out, words_per_passage=40, progress=False)
 
 
 @dataclass

@@ -40,7 +40,10 @@ def parts(tiny_generator_dir, tiny_encoder_dir, tiny_index_dir):
 
 def make_engine(parts, **kw) -> Engine:
     gen, enc, idx = parts
-    cfg = EngineConfig(limits=Limits(max_top_k=8, max_new_tokens=64), **kw)
+    cfg = EngineConfig(
+        limits=Limits(max_top_k=8, default_top_k=3, max_new_tokens=64, default_max_new_tokens=16),
+        **kw,
+    )
     engine = Engine(gen, RetrievalBatcher(Retriever(enc, idx)), cfg)
     engine.start()
     return engine
@@ -226,6 +229,8 @@ def test_queue_limit_refuses_at_once(parts):
         e.shutdown()
 
 
-def test_prompt_longer_than_context_is_refused(engine):
+def test_prompt_longer_than_context_is_refused(engine, parts):
+    query = "yield " * 330  # under max_query_chars, but ~1000+ tokens for the tiny tokenizer
+    assert len(parts[0].encode(query)) + 64 > parts[0].max_positions
     with pytest.raises(ValidationError, match="context"):
-        asyncio.run(collect(engine, QUESTIONS[0], n=64))
+        asyncio.run(collect(engine, query, n=64))
