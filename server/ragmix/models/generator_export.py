@@ -1,0 +1,388 @@
+"""Export a decoder-only causal LM (Llama / GPT-2 / Qwen2 families) to a ragmix generator bundle.
+
+The ONNX graph is built around what the engine needs and transformers' own graph does not give:
+the caller owns the KV cache as flat tensors, gives position ids and a 2-D mask with arbitrary holes
+(left padding, evicted slots in the middle of the past), and asks for logits only at chosen positions
+so a 5 x 300 prefill never materialises 5 x 300 x vocab floats.
+
+Needs the `export` extra (torch, transformers, onnx; gguf + accelerate for GGUF sources). The
+runtime (`generator.py`) needs none of these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragmix.errors import BundleError
+from ragmix.models import bundle
+
+LOG = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "qwen2", "mistral")
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.json"
+
+PASSAGE_MARKER = "RAGMIXPASSAGEMARKER"
+QUESTION_MARKER = "RAGMIXQUESTIONMARKER"
+# The user turn of a chat model. Passage first so its prefix (and its KV cache) is shared by every
+# question asked about it; the instruction sits after the passage for the same reason.
+CHAT_USER_CONTENT = (
+    f"{PASSAGE_MARKER}\n\nAnswer the question using the passage above.\nQuestion: {QUESTION_MARKER}"
+)
+PLAIN_TEMPLATE = "{passage}\n\nQuestion: {question}\nAnswer:"
+
+
+def io_names(num_layers: int) -> dict[str, Any]:
+    """Input and output names of the exported graph, in graph order."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return {
+        "inputs": ["input_ids", "attention_mask", "position_ids", "logits_index", *past],
+        "outputs": ["logits", *present],
+    }
+
+
+def export_generator(
+    src: Path,
+    out: Path,
+    *,
+    gguf_file: str | None = None,
+    overwrite: bool = False,
+    opset: int = 17,
+    name: str | None = None,
+) -> Path:
+    """Export the Hugging Face causal LM folder `src` (or its `gguf_file`) to the bundle `out`.
+
+    The bundle is written to a temporary sibling folder and renamed into place, and its ONNX logits
+    are checked against PyTorch on a padded batch with a past before the rename.
+    """
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise BundleError(
+            f"Exporting a generator needs torch and transformers: `pip install ragmix[export]` ({e})."
+        ) from e
+
+    src = Path(src)
+    if not src.is_dir():
+        raise BundleError(f"{src} is not a folder; give a Hugging Face model folder.")
+    if gguf_file is not None and not (src / gguf_file).is_file():
+        raise BundleError(f"{src / gguf_file} does not exist.")
+    if gguf_file is None and not (src / "config.json").is_file():
+        raise BundleError(f"{src} has no config.json; it is not a Hugging Face model folder.")
+
+    started = time.perf_counter()
+    load_kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(src, **load_kw)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise BundleError(
+            f"{src}: model_type {config.model_type!r} is not supported by the generator export; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(src, **load_kw)
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise BundleError(f"{src}: no fast (tokenizers library) tokenizer could be built.")
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float32, attn_implementation="eager", **load_kw
+    )
+    model.eval()
+    LOG.info("loaded %s in %.1f s", src, time.perf_counter() - started)
+
+    wrapper = _CausalLMWithCache(model)
+    sample = _sample_inputs(wrapper.num_layers, config, tokenizer)
+    with torch.no_grad():
+        expected = wrapper(*sample)
+    num_kv_heads, head_dim = int(expected[1].shape[1]), int(expected[1].shape[3])
+    names = io_names(wrapper.num_layers)
+
+    with bundle.atomic_dir(out, overwrite=overwrite) as tmp:
+        onnx_path = tmp / ONNX_FILE
+        _export_onnx(wrapper, sample, onnx_path, names, opset)
+        files = [ONNX_FILE, *(p.name for p in tmp.iterdir() if p.name != ONNX_FILE)]
+        _check_onnx(onnx_path, sample, expected, names)
+
+        tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_FILE))
+        files.append(TOKENIZER_FILE)
+        entries = bundle.file_entries(tmp, files)
+        eos = _eos_token_ids(model, tokenizer)
+        manifest = {
+            "format": bundle.FORMAT_VERSION,
+            "kind": "generator",
+            "name": name or (Path(gguf_file).stem if gguf_file else src.name),
+            "architecture": config.model_type,
+            "source": {"folder": src.name, "gguf_file": gguf_file},
+            "files": entries,
+            "fingerprint": bundle.fingerprint(entries),
+            "tokenizer": TOKENIZER_FILE,
+            "prompt_template": prompt_template(tokenizer),
+            "eos_token_ids": eos,
+            "pad_token_id": _pad_token_id(model, tokenizer, eos),
+            "bos_token_id": _optional_int(config.bos_token_id),
+            "vocab_size": int(expected[0].shape[-1]),
+            "max_positions": int(config.max_position_embeddings),
+            "kv": {
+                "num_layers": wrapper.num_layers,
+                "num_kv_heads": num_kv_heads,
+                "head_dim": head_dim,
+                "dtype": "float32",
+            },
+            "io": names,
+            "opset": opset,
+        }
+        bundle.write_manifest(tmp, manifest)
+    LOG.info("exported %s to %s in %.1f s", src, out, time.perf_counter() - started)
+    return Path(out)
+
+
+def prompt_template(tokenizer: Any) -> str:
+    """A str.format template with one {passage} before one {question}, from the chat template.
+
+    Rendering a user turn that holds marker strings keeps every special token and system prompt the
+    model was trained with; braces of the rendered text are escaped so str.format leaves them be.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHAT_USER_CONTENT}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        prefix = ""
+    else:
+        rendered = PLAIN_TEMPLATE.replace("{passage}", PASSAGE_MARKER).replace(
+            "{question}", QUESTION_MARKER
+        )
+        prefix = _auto_prefix(tokenizer)
+    if rendered.count(PASSAGE_MARKER) != 1 or rendered.count(QUESTION_MARKER) != 1:
+        raise BundleError("the chat template does not render the user message exactly once.")
+    template = (prefix + rendered).replace("{", "{{").replace("}", "}}")
+    template = template.replace(PASSAGE_MARKER, "{passage}").replace(QUESTION_MARKER, "{question}")
+    if template.index("{passage}") > template.index("{question}"):
+        raise BundleError("the chat template puts the question before the passage.")
+    return template
+
+
+def _auto_prefix(tokenizer: Any) -> str:
+    """Text of the tokens (BOS) the tokenizer itself would prepend; the runtime encodes without them."""
+    backend = tokenizer.backend_tokenizer
+    with_special = backend.encode("hello", add_special_tokens=True).ids
+    without = backend.encode("hello", add_special_tokens=False).ids
+    n = len(with_special) - len(without)
+    if n <= 0 or with_special[n:] != without:
+        return ""
+    return backend.decode(with_special[:n], skip_special_tokens=False)
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-answer ids from the generation config (the GGUF tokenizer's own EOS can be wrong)."""
+    raw = getattr(model.generation_config, "eos_token_id", None)
+    if raw is None:
+        raw = model.config.eos_token_id
+    if raw is None:
+        raw = tokenizer.eos_token_id
+    ids = [raw] if isinstance(raw, int) else list(raw or [])
+    if not ids:
+        raise BundleError("the model names no EOS token (generation_config, config, tokenizer).")
+    return sorted({int(i) for i in ids})
+
+
+def _pad_token_id(model: Any, tokenizer: Any, eos: list[int]) -> int:
+    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return eos[0]
+
+
+def _optional_int(value: Any) -> int | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def _sample_inputs(num_layers: int, config: Any, tokenizer: Any) -> tuple[Any, ...]:
+    """A batch that exercises every path the graph must keep dynamic: 2 rows, a past of 3 with a
+    hole in the middle of row 1, left padding in row 0, and 2 logits positions."""
+    import torch
+
+    batch, new, past_len = 2, 4, 3
+    ids = tokenizer.backend_tokenizer.encode(
+        "The quick brown fox jumps over the lazy dog", add_special_tokens=False
+    ).ids
+    input_ids = torch.tensor([ids[:new], ids[new : 2 * new]], dtype=torch.int64)  # batch x new
+    attention_mask = torch.tensor(
+        [[0, 0, 1, 1, 1, 1, 1], [1, 0, 1, 1, 1, 1, 1]], dtype=torch.int64
+    )  # batch x (past + new)
+    position_ids = torch.from_numpy(_positions(attention_mask.numpy(), new))  # batch x new
+    logits_index = torch.tensor([[1, 3], [0, 3]], dtype=torch.int64)  # batch x 2
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    past = [
+        torch.randn(batch, heads, past_len, head_dim, generator=gen)
+        for _ in range(2 * num_layers)  # batch x kv_heads x past x head_dim
+    ]
+    return (input_ids, attention_mask, position_ids, logits_index, *past)
+
+
+def _positions(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    return np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, -new_tokens:]
+
+
+def _export_onnx(
+    wrapper: Any, sample: tuple[Any, ...], path: Path, names: dict[str, Any], opset: int
+) -> None:
+    import torch
+
+    dynamic_axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "new"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "new"},
+        "logits_index": {0: "batch", 1: "positions"},
+        "logits": {0: "batch", 1: "positions"},
+    }
+    for n in names["inputs"][4:]:
+        dynamic_axes[n] = {0: "batch", 2: "past"}
+    for n in names["outputs"][1:]:
+        dynamic_axes[n] = {0: "batch", 2: "total"}
+    started = time.perf_counter()
+    # The tracer warns about every Python-level shape check in transformers; the ORT check after
+    # export (_check_onnx) is what tells a frozen shape, on inputs unlike the traced ones.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            wrapper,
+            sample,
+            str(path),
+            input_names=names["inputs"],
+            output_names=names["outputs"],
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    _consolidate_external_data(path)
+    LOG.info("traced to ONNX in %.1f s", time.perf_counter() - started)
+
+
+def _consolidate_external_data(path: Path) -> None:
+    """Leave one model.onnx, plus one model.onnx.data only when the weights pass 2 GB.
+
+    The legacy exporter writes one external file per tensor for large models; a bundle lists and
+    checksums its files, so they are gathered into one.
+    """
+    import onnx
+
+    folder = path.parent
+    extra = [p for p in folder.iterdir() if p != path]
+    if not extra:
+        return
+    model = onnx.load(str(path), load_external_data=True)
+    for p in extra:
+        p.unlink()
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=ONNX_DATA_FILE,
+        size_threshold=1024,
+    )
+
+
+def _check_onnx(
+    path: Path, sample: tuple[Any, ...], expected: tuple[Any, ...], names: dict[str, Any]
+) -> None:
+    """Refuse to write a bundle whose graph disagrees with PyTorch (a frozen shape, a lost mask)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {n: t.numpy() for n, t in zip(names["inputs"], sample, strict=True)}
+    got = session.run(None, feeds)
+    for n, g, e in zip(names["outputs"], got, expected, strict=True):
+        e = e.numpy()
+        if g.shape != e.shape:
+            raise BundleError(f"exported {n} has shape {g.shape}, PyTorch gives {e.shape}.")
+        rel = float(np.abs(g - e).max() / max(np.abs(e).max(), 1e-12))
+        if rel > 1e-3:
+            raise BundleError(f"exported {n} differs from PyTorch: relative error {rel:.2e}.")
+
+
+def _wrapper_class() -> type:
+    import torch
+    from transformers import DynamicCache
+
+    class CausalLMWithCache(torch.nn.Module):
+        """The HF model with flat past tensors in, flat present tensors out, and logits gathered
+        at `logits_index` before the LM head."""
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.base = model.base_model
+            self.lm_head = model.get_output_embeddings()
+            self.num_layers = int(model.config.get_text_config(decoder=True).num_hidden_layers)
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,  # batch x new
+            attention_mask: torch.Tensor,  # batch x (past + new), 1 = attend
+            position_ids: torch.Tensor,  # batch x new
+            logits_index: torch.Tensor,  # batch x positions, indices into new
+            *past: torch.Tensor,  # 2 * layers of batch x kv_heads x past x head_dim
+        ) -> tuple[torch.Tensor, ...]:
+            cache = DynamicCache(
+                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+            )
+            out = self.base(
+                input_ids=input_ids,
+                attention_mask=additive_mask(attention_mask, input_ids.shape[1]),
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            hidden = out.last_hidden_state  # batch x new x hidden
+            index = logits_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            picked = torch.gather(hidden, 1, index)  # batch x positions x hidden
+            logits = self.lm_head(picked).float()  # batch x positions x vocab
+            present: list[torch.Tensor] = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]  # batch x kv_heads x total x head_dim
+            return (logits, *present)
+
+    def additive_mask(attention_mask: torch.Tensor, new: Any) -> torch.Tensor:
+        """Causal AND padding, as 0 / float32-min, batch x 1 x new x total.
+
+        Built here rather than by transformers, whose mask builder freezes shapes when traced.
+        Causality is by slot: new token i sits at slot past + i and sees slots <= past + i.
+        """
+        total = attention_mask.shape[1]
+        slots = torch.arange(total, device=attention_mask.device)  # total
+        query_slots = slots[total - new :]  # new
+        causal = slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # new x total
+        allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # batch x new x total
+        zeros = torch.zeros(allowed.shape, dtype=torch.float32)
+        mask = zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return mask.unsqueeze(1)  # batch x 1 x new x total
+
+    return CausalLMWithCache
+
+
+def _CausalLMWithCache(model: Any) -> Any:
+    return _wrapper_class()(model)
+
+
+def read_config(src: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face folder, for dispatching on model_type."""
+    path = Path(src) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {path}: {e}.") from e
