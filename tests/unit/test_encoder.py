@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_encoder import TRAINING_TEXT, build_tiny_bert, tiny_encoder_bundle
+from tiny_encoder import TRAINING_TEXT, build_tiny_bert
 
 from ragmix.errors import BundleError
 from ragmix.models import encoder_export
@@ -33,8 +33,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_encoder_bundle(tmp_path_factory.mktemp("tiny-encoder"))
+def tiny(tiny_encoder_dir: Path) -> Path:
+    """The session's tiny bundle (conftest); its Hugging Face source sits beside it in hf/."""
+    return tiny_encoder_dir
 
 
 def torch_embeddings(hf_folder: Path, bundle: Path, texts: list[str], pooling: str) -> np.ndarray:

@@ -31,8 +31,8 @@ def words(n: int, seed: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
-    return Encoder.load(tiny_encoder_bundle(tmp_path_factory.mktemp("enc")))
+def encoder(tiny_encoder_dir: Path) -> Encoder:
+    return Encoder.load(tiny_encoder_dir)
 
 
 @pytest.fixture(scope="module")
