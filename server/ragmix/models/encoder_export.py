@@ -144,8 +144,8 @@ def export_encoder(
     if not (src / "config.json").is_file():
         raise BundleError(f"{src} is not a Hugging Face model folder: config.json is missing.")
     config = AutoConfig.from_pretrained(src)
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions is not None and max_length > max_positions:
+    max_positions = getattr(config, "max_position_embeddings", None) or 512
+    if not 1 <= max_length <= max_positions:
         raise BundleError(
             f"max_length must be in [1, {max_positions}] for {src}, got {max_length}."
         )
@@ -175,7 +175,7 @@ def export_encoder(
             # a bidirectional mask; the tests compare padded batches against PyTorch instead.
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*aten::index.*")
-            # The legacy exporter is chosen on purpose (DESIGN notes: one file, fast, exact).
+            # The legacy exporter is chosen on purpose: one file, ~3 s, exact (model-export-facts.md).
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             torch.onnx.export(
                 module,
