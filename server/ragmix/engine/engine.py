@@ -122,6 +122,13 @@ class Engine:
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+
+        def emit(ev: Event | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the caller's event loop is gone: nobody is listening
+                request.cancelled = True
+
         request = Request(
             id=f"r{next(self._ids)}",
             mixture=mixture,
@@ -129,7 +136,7 @@ class Engine:
             passages=passages,
             prompts=prompts,
             log_prior=log_prior,
-            emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            emit=emit,
             decode_text=self.generator.decode,
             eos_ids=self.generator.eos_token_ids,
             arrival=arrival,
