@@ -377,8 +377,10 @@ def _mixture_step(
             chunk_sum[j, c] = total
 
     # 2. row log-normalisers lse_j (log softmax(l_j)[v] = l_j[v] - lse_j) and group prior peaks.
+    # (Serial: rows x chunks scalar work is too small for another fork/join, which costs the most
+    # when other processes hold the cores.)
     lse = np.zeros(n_rows, dtype=np.float64)  # rows
-    for j in prange(n_rows):
+    for j in range(n_rows):
         if log_prior[j] == -np.inf:
             continue
         peak = _NEG_INF
@@ -429,12 +431,22 @@ def _mixture_step(
     responsibility = np.zeros(n_rows, dtype=np.float32)
     top_ids = np.full((n_groups, top_n), -1, dtype=np.int64)
     top_logprobs = np.full((n_groups, top_n), -np.inf, dtype=np.float32)
-    for g in prange(n_groups):
-        _finish_group(
-            g, logits, log_prior, offsets, temperature, top_k, top_p, uniform, top_n,
-            lse, prior_peak, cand_p, cand_id, work, p_mix,
-            token, logprob, responsibility, top_ids, top_logprobs,
-        )  # fmt: skip
+    # Greedy requests need only O(K) scalar work here: run them serially unless some request
+    # samples (O(V) work each), so a greedy step has just the two parallel regions above.
+    if np.any(temperature > 0):
+        for g in prange(n_groups):
+            _finish_group(
+                g, logits, log_prior, offsets, temperature, top_k, top_p, uniform, top_n,
+                lse, prior_peak, cand_p, cand_id, work, p_mix,
+                token, logprob, responsibility, top_ids, top_logprobs,
+            )  # fmt: skip
+    else:
+        for g in range(n_groups):
+            _finish_group(
+                g, logits, log_prior, offsets, temperature, top_k, top_p, uniform, top_n,
+                lse, prior_peak, cand_p, cand_id, work, p_mix,
+                token, logprob, responsibility, top_ids, top_logprobs,
+            )  # fmt: skip
     return token, logprob, responsibility, top_ids, top_logprobs
 
 
