@@ -108,6 +108,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a bundle is meant to be shared
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
