@@ -2,78 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
+from ragmix_client._connection import (
+    ClientBase,
+    Deadline,
+    generate_request,
+    retrieve_request,
+    score_request,
+)
 from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
 from ragmix_client.types import (
-    MIXTURES,
     Answer,
-    Done,
+    AnswerBuilder,
     Event,
     Info,
     Passage,
-    Passages,
     RagmixError,
-    Token,
+    ScoreResult,
     event_from_pb,
 )
 
-
-def _request(
-    query: str,
-    *,
-    top_k: int = 0,
-    mixture: str = "token",
-    max_new_tokens: int = 0,
-    temperature: float = 0.0,
-    top_p: float = 0.0,
-    sample_top_k: int = 0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    num_beams: int = 0,
-    retrieval_temperature: float = 0.0,
-    passage_ids: Sequence[str] = (),
-) -> pb.GenerateRequest:
-    if mixture not in MIXTURES:
-        raise ValueError(f"mixture must be one of {', '.join(MIXTURES)}, got {mixture!r}.")
-    decoding = pb.DecodingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=sample_top_k,
-        stop=list(stop),
-        num_beams=num_beams,
-    )
-    if seed is not None:
-        decoding.seed = seed
-    return pb.GenerateRequest(
-        query=query,
-        top_k=top_k,
-        mixture=MIXTURES[mixture],
-        decoding=decoding,
-        retrieval_temperature=retrieval_temperature,
-        passage_ids=list(passage_ids),
-    )
+R = TypeVar("R")
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-class RagClient:
-    """A channel to one ragmix server. Use as a context manager, or call close()."""
+class RagClient(ClientBase):
+    """A channel to one ragmix server. Use as a context manager, or call close().
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        timeout: float | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=list(options))
-        self._stub = pb_grpc.RagServiceStub(self._channel)
+    RagClient(target="127.0.0.1:50051", *, tls=False, root_certificates=None,
+    certificate_chain=None, private_key=None, token=None, timeout=None, retry=RetryPolicy(),
+    keepalive_time=None, keepalive_timeout=20.0, max_message_bytes=16 MiB, options=()):
+    see ClientBase for what each connection argument does.
+    """
+
+    _grpc = grpc
 
     def __enter__(self) -> RagClient:
         return self
@@ -82,32 +49,116 @@ class RagClient:
         self.close()
 
     def close(self) -> None:
+        """Close the channel; RPCs still running are cancelled on the server."""
         self._channel.close()
 
+    # --------------------------------------------------------------------------- Generate
+
     def generate(
-        self, query: str, *, timeout: float | None = None, **kwargs: Any
+        self,
+        query: str,
+        *,
+        top_k: int = 0,
+        mixture: str = "token",
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k_tokens: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        num_beams: int = 0,
+        retrieval_temperature: float = 0.0,
+        passage_ids: Sequence[str] = (),
+        timeout: float | None = None,
     ) -> Iterator[Event]:
-        """Stream Passages, then one Token per token, then Done. Breaking out cancels the RPC."""
-        call = self._stub.Generate(_request(query, **kwargs), timeout=timeout or self.timeout)
-        try:
-            for m in call:
-                yield event_from_pb(m)
-        except grpc.RpcError as e:
-            raise RagmixError(e.code(), e.details() or "") from None
-        finally:
-            call.cancel()
+        """Stream one Passages event, then one Token per generated token, then Done.
+
+        Breaking out of the loop (or closing the iterator) cancels the RPC on the server.
+
+        Args:
+            query: the question x.
+            top_k: passages K to retrieve; 0 = server default (GetInfo.default_top_k).
+            mixture: "token" (RAG-Token), "sequence" (RAG-Sequence) or "concat" (all K in one prompt).
+            max_new_tokens: answer length limit; 0 = server default.
+            temperature: sampling temperature of the mixture distribution; 0 = greedy.
+            top_p: nucleus sampling mass in (0, 1]; 0 = off.
+            top_k_tokens: sample among this many most probable tokens; 0 = off.
+            seed: seed of the request's random generator (same seed, same tokens).
+            stop: strings that end the answer (not included in it).
+            num_beams: beams per passage for mixture="sequence"; 0 = server default.
+            retrieval_temperature: tau of the prior softmax(score / tau); 0 = 1.0.
+            passage_ids: condition on these index passages instead of retrieving.
+            timeout: seconds for the whole stream; None = the client's default.
+        """
+        request = generate_request(
+            query,
+            top_k=top_k,
+            mixture=mixture,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k_tokens=top_k_tokens,
+            seed=seed,
+            stop=stop,
+            num_beams=num_beams,
+            retrieval_temperature=retrieval_temperature,
+            passage_ids=passage_ids,
+        )
+        return self._stream(request, self._deadline(timeout))
+
+    def _stream(self, request: pb.GenerateRequest, deadline: Deadline) -> Iterator[Event]:
+        delays = self.retry.delays()
+        while True:
+            call = self._stub.Generate(
+                request, timeout=deadline.remaining(), metadata=self._conn.metadata
+            )
+            started = False
+            try:
+                for m in call:
+                    started = True
+                    yield event_from_pb(m)
+                return
+            except grpc.RpcError as e:
+                # Once an event was seen the answer is under way: repeating it is not safe.
+                delay = next(delays, None) if not started and e.code() == UNAVAILABLE else None
+                if delay is None or not deadline.allows(delay):
+                    raise RagmixError.from_rpc(e) from None
+            finally:
+                call.cancel()  # no-op when finished; frees the server's rows otherwise
+            time.sleep(delay)
 
     def generate_text(self, query: str, **kwargs: Any) -> Answer:
-        passages: list[Passage] = []
-        tokens: list[Token] = []
+        """Run `generate` to the end: the answer with its passages, tokens and posterior.
+
+        Takes the same keyword arguments as `generate`.
+        """
+        answer = AnswerBuilder()
         for ev in self.generate(query, **kwargs):
-            if isinstance(ev, Passages):
-                passages = ev.passages
-            elif isinstance(ev, Token):
-                tokens.append(ev)
-            elif isinstance(ev, Done):
-                return Answer(ev.text, passages, tokens, ev)
-        raise RagmixError(grpc.StatusCode.UNKNOWN, "the stream ended without a done event")
+            if (done := answer.add(ev)) is not None:
+                return done
+        raise AnswerBuilder.missing_done()
+
+    # --------------------------------------------------------------------------- unary calls
+
+    def score(
+        self,
+        query: str,
+        answer: str,
+        *,
+        top_k: int = 0,
+        passage_ids: Sequence[str] = (),
+        retrieval_temperature: float = 0.0,
+        timeout: float | None = None,
+    ) -> ScoreResult:
+        """log p(answer | query) under the TOKEN, SEQUENCE and CONCAT mixtures, with posteriors."""
+        request = score_request(
+            query,
+            answer,
+            top_k=top_k,
+            passage_ids=passage_ids,
+            retrieval_temperature=retrieval_temperature,
+        )
+        return ScoreResult.from_pb(self._unary(self._stub.Score, request, timeout))
 
     def retrieve(
         self,
@@ -117,43 +168,32 @@ class RagClient:
         retrieval_temperature: float = 0.0,
         timeout: float | None = None,
     ) -> list[Passage]:
-        req = pb.RetrieveRequest(
-            query=query, top_k=top_k, retrieval_temperature=retrieval_temperature
-        )
-        try:
-            resp = self._stub.Retrieve(req, timeout=timeout or self.timeout)
-        except grpc.RpcError as e:
-            raise RagmixError(e.code(), e.details() or "") from None
+        """The top-K passages for `query` with their prior, without generating."""
+        request = retrieve_request(query, top_k=top_k, retrieval_temperature=retrieval_temperature)
+        resp = self._unary(self._stub.Retrieve, request, timeout)
         return [Passage.from_pb(p) for p in resp.passages]
 
     def info(self, *, timeout: float | None = None) -> Info:
-        try:
-            r = self._stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout)
-        except grpc.RpcError as e:
-            raise RagmixError(e.code(), e.details() or "") from None
-        return Info(
-            r.version,
-            r.generator,
-            r.encoder,
-            r.index,
-            r.passages,
-            r.max_top_k,
-            r.max_new_tokens,
-            r.default_top_k,
-            r.default_max_new_tokens,
-        )
+        """Models, index, limits and version of the server."""
+        return Info.from_pb(self._unary(self._stub.GetInfo, pb.GetInfoRequest(), timeout))
 
-    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
-        """Serving status ("SERVING", "NOT_SERVING", ...) of the server ("") or of one service.
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """Standard health status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN".
 
-        Needs the grpcio-health-checking package (the server's install has it).
+        service: "" for the server as a whole, or "ragmix.v1.RagService".
         """
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        return self._unary(self._health, service, timeout)
 
-        try:
-            r = health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        except grpc.RpcError as e:
-            raise RagmixError(e.code(), e.details() or "") from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+    # --------------------------------------------------------------------------- helpers
+
+    def _unary(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
+        deadline = self._deadline(timeout)
+        delays = self.retry.delays()
+        while True:
+            try:
+                return method(request, timeout=deadline.remaining(), metadata=self._conn.metadata)
+            except grpc.RpcError as e:
+                delay = next(delays, None) if e.code() == UNAVAILABLE else None
+                if delay is None or not deadline.allows(delay):
+                    raise RagmixError.from_rpc(e) from None
+            time.sleep(delay)

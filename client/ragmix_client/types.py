@@ -1,8 +1,8 @@
-"""Typed results of the SDK: plain dataclasses, so callers never handle protobuf messages."""
+"""Typed results of the SDK: plain frozen dataclasses, so callers never handle protobuf messages."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -21,21 +21,31 @@ FINISH_REASONS = {
 
 
 class RagmixError(Exception):
-    """Any failed call: `code` is the gRPC status code, `message` the server's explanation."""
+    """Any failed call. `code` is the gRPC status code, `message` the server's explanation
+    (e.g. INVALID_ARGUMENT, "top_k must be in [1, 20], got 50.")."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
 
+    @classmethod
+    def from_rpc(cls, err: grpc.RpcError) -> RagmixError:
+        """Both grpc (sync) and grpc.aio errors carry code() and details()."""
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
 
 @dataclass(frozen=True)
 class Passage:
+    """A retrieved passage z with its retrieval score and prior p(z|x) over the K retrieved."""
+
     id: str
     title: str
     text: str
-    score: float  # inner product d(z)·q(x)
-    prior: float  # p(z|x) over the K passages
+    score: float  # inner product d(z)·q(x) of unit vectors, in [-1, 1]
+    prior: float  # p_eta(z|x) = softmax(score / retrieval_temperature)
 
     @classmethod
     def from_pb(cls, m: pb.Passage) -> Passage:
@@ -43,32 +53,55 @@ class Passage:
 
 
 @dataclass(frozen=True)
+class Passages:
+    """First stream event: the K passages the answer is conditioned on, in rank order."""
+
+    passages: list[Passage]
+
+
+@dataclass(frozen=True)
 class Token:
+    """One generated token. `text` may be empty while a multi-byte character is incomplete."""
+
     id: int
     text: str
-    logprob: float
-    responsibilities: list[float]  # r_ij over the K passages
+    logprob: float  # log p(y_i | x, y_<i) under the mixture
+    responsibilities: list[float]  # r_ij = p(z_j | x, y_<=i), in Passages order, sums to 1
+
+    @property
+    def dominant(self) -> int:
+        """Index of the passage with the largest responsibility for this token."""
+        r = self.responsibilities
+        return max(range(len(r)), key=r.__getitem__) if r else -1
 
 
 @dataclass(frozen=True)
 class Usage:
-    prompt_tokens: int
-    cached_prompt_tokens: int
+    prompt_tokens: int  # over all K passage rows
+    cached_prompt_tokens: int  # of prompt_tokens, served from the passage prefix cache
     generated_tokens: int
 
 
 @dataclass(frozen=True)
-class Done:
-    finish_reason: str  # "length" | "eos" | "stop"
-    text: str
-    usage: Usage
-    posterior: list[float]  # p(z_j | x, y)
-    timings_ms: dict[str, float] = field(default_factory=dict)
+class Timings:
+    """Server-side milliseconds; first_token_ms and total_ms count from request arrival."""
+
+    retrieval_ms: float
+    queue_ms: float
+    prefill_ms: float
+    first_token_ms: float
+    total_ms: float
 
 
 @dataclass(frozen=True)
-class Passages:
-    passages: list[Passage]
+class Done:
+    """Last stream event: the whole answer and its posterior over the passages."""
+
+    finish_reason: str  # "length" | "eos" | "stop"
+    text: str
+    usage: Usage
+    timings: Timings
+    posterior: list[float]  # p(z_j | x, y) of the whole answer, in Passages order
 
 
 Event = Passages | Token | Done
@@ -83,9 +116,54 @@ class Answer:
     tokens: list[Token]
     done: Done
 
+    @property
+    def posterior(self) -> list[float]:
+        """p(z_j | x, y) of the answer, aligned with `passages`."""
+        return self.done.posterior
+
+
+@dataclass(frozen=True)
+class MixtureScore:
+    """log p(y|x) of a given answer under one way of combining the passages."""
+
+    logprob: float
+    token_logprobs: list[float]  # per answer token; they sum to logprob
+    posterior: list[float]  # p(z_j | x, y), K values in passage order
+    responsibilities: list[list[float]]  # TOKEN only: answer tokens x K; empty otherwise
+
+    @classmethod
+    def from_pb(cls, m: pb.MixtureScore, k: int) -> MixtureScore:
+        flat = list(m.responsibilities)  # row-major [answer tokens x K]
+        rows = [flat[i : i + k] for i in range(0, len(flat), k)] if k else []
+        return cls(m.logprob, list(m.token_logprobs), list(m.posterior), rows)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Result of `score`: the answer scored under the TOKEN, SEQUENCE and CONCAT mixtures."""
+
+    passages: list[Passage]
+    answer_token_ids: list[int]
+    token: MixtureScore
+    sequence: MixtureScore
+    concat: MixtureScore
+
+    @classmethod
+    def from_pb(cls, m: pb.ScoreResponse) -> ScoreResult:
+        k = len(m.passages)
+        return cls(
+            [Passage.from_pb(p) for p in m.passages],
+            list(m.answer_token_ids),
+            MixtureScore.from_pb(m.token, k),
+            MixtureScore.from_pb(m.sequence, k),
+            MixtureScore.from_pb(m.concat, k),
+        )
+
 
 @dataclass(frozen=True)
 class Info:
+    """What the server runs and the limits it enforces (GetInfo)."""
+
     version: str
     generator: str
     encoder: str
@@ -93,8 +171,30 @@ class Info:
     passages: int
     max_top_k: int
     max_new_tokens: int
+    max_query_chars: int
     default_top_k: int
     default_max_new_tokens: int
+    providers: list[str]
+    max_concurrent_requests: int
+    max_queued_requests: int
+
+    @classmethod
+    def from_pb(cls, m: pb.GetInfoResponse) -> Info:
+        return cls(
+            m.version,
+            m.generator,
+            m.encoder,
+            m.index,
+            m.passages,
+            m.max_top_k,
+            m.max_new_tokens,
+            m.max_query_chars,
+            m.default_top_k,
+            m.default_max_new_tokens,
+            list(m.providers),
+            m.max_concurrent_requests,
+            m.max_queued_requests,
+        )
 
 
 def event_from_pb(m: pb.GenerateResponse) -> Event:
@@ -105,18 +205,33 @@ def event_from_pb(m: pb.GenerateResponse) -> Event:
         t = m.token
         return Token(t.id, t.text, t.logprob, list(t.responsibilities))
     if kind == "done":
-        d = m.done
+        d, t = m.done, m.done.timings
         return Done(
             FINISH_REASONS.get(d.finish_reason, "unspecified"),
             d.text,
             Usage(d.usage.prompt_tokens, d.usage.cached_prompt_tokens, d.usage.generated_tokens),
+            Timings(t.retrieval_ms, t.queue_ms, t.prefill_ms, t.first_token_ms, t.total_ms),
             list(d.posterior),
-            {
-                "retrieval": d.timings.retrieval_ms,
-                "queue": d.timings.queue_ms,
-                "prefill": d.timings.prefill_ms,
-                "first_token": d.timings.first_token_ms,
-                "total": d.timings.total_ms,
-            },
         )
     raise RagmixError(grpc.StatusCode.UNKNOWN, f"unexpected stream event {kind!r}")
+
+
+class AnswerBuilder:
+    """Collects stream events into an Answer (shared by the sync and asyncio clients)."""
+
+    def __init__(self) -> None:
+        self.passages: list[Passage] = []
+        self.tokens: list[Token] = []
+
+    def add(self, ev: Event) -> Answer | None:
+        if isinstance(ev, Passages):
+            self.passages = ev.passages
+        elif isinstance(ev, Token):
+            self.tokens.append(ev)
+        else:
+            return Answer(ev.text, self.passages, self.tokens, ev)
+        return None
+
+    @staticmethod
+    def missing_done() -> RagmixError:
+        return RagmixError(grpc.StatusCode.UNKNOWN, "the stream ended without a done event")

@@ -9,6 +9,7 @@ import logging
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ragmix import __version__, paths
 from ragmix.config import ServerConfig, load_config
@@ -64,30 +65,64 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_ask(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ask", help="ask a running server a question and stream the answer")
+    p = sub.add_parser(
+        "ask",
+        help="ask a running server a question and stream the answer",
+        description="Stream an answer from a running server, then list the passages with their "
+        "prior p(z|x) and posterior p(z|x,y). Exits 1 with the server's message on errors.",
+    )
     p.add_argument("question")
     p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
     p.add_argument("--mixture", choices=["token", "sequence", "concat"], default="token")
     p.add_argument("--top-k", type=int, default=0, help="passages to retrieve (0: server default)")
-    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: server default")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus mass in (0, 1]; 0 = off")
+    p.add_argument("--top-k-tokens", type=int, default=0, help="sample among the k likeliest")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--num-beams", type=int, default=0, help="beams per passage (sequence)")
+    p.add_argument("--retrieval-temperature", type=float, default=0.0, help="tau; 0 = 1.0")
     p.add_argument("--passage-id", action="append", default=[], dest="passage_ids")
     p.add_argument("--timeout", type=float, default=None, help="seconds (gRPC deadline)")
-    p.add_argument("--json", action="store_true", help="print one JSON event per line")
+    p.add_argument("--token", default=None, help="bearer token (default: $RAGMIX_TOKEN)")
+    p.add_argument("--root-cert", default=None, help="PEM of the server's CA: use TLS")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON event per line")
+    out.add_argument(
+        "--explain",
+        action="store_true",
+        help="colour each token by its most responsible passage; list prior and posterior",
+    )
     p.set_defaults(func=_ask)
 
 
-def _ask(args: argparse.Namespace) -> int:
-    from ragmix_client import Done, RagClient, RagmixError, Token
-    from ragmix_client.types import Passages
+if TYPE_CHECKING:
+    from rich.console import Console
 
-    out = sys.stdout
+    from ragmix_client import Done, Passage
+
+# Passage colours for --explain; the plain rendering writes the passage number instead.
+_PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
+
+
+def _ask(args: argparse.Namespace) -> int:
+    import os
+
+    from rich.console import Console
+
+    from ragmix_client import Done, Passages, RagClient, RagmixError, Token
+
+    console = Console(highlight=False, soft_wrap=True)
+    styled = args.explain and console.is_terminal
+    passages: list[Passage] = []
     try:
-        with RagClient(args.target, timeout=args.timeout) as client:
-            passages = []
+        with RagClient(
+            args.target,
+            timeout=args.timeout,
+            token=args.token or os.environ.get("RAGMIX_TOKEN"),
+            root_certificates=args.root_cert,
+        ) as client:
             for ev in client.generate(
                 args.question,
                 top_k=args.top_k,
@@ -95,33 +130,57 @@ def _ask(args: argparse.Namespace) -> int:
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
                 top_p=args.top_p,
+                top_k_tokens=args.top_k_tokens,
                 seed=args.seed,
                 stop=args.stop,
+                num_beams=args.num_beams,
+                retrieval_temperature=args.retrieval_temperature,
                 passage_ids=args.passage_ids,
             ):
                 if args.json:
-                    kind = type(ev).__name__.lower()
-                    out.write(json.dumps({kind: _jsonable(ev)}) + "\n")
-                    continue
-                if isinstance(ev, Passages):
+                    _write(json.dumps({type(ev).__name__.lower(): _jsonable(ev)}) + "\n")
+                elif isinstance(ev, Passages):
                     passages = ev.passages
                 elif isinstance(ev, Token):
-                    out.write(ev.text)
-                    out.flush()
+                    if not args.explain:
+                        _write(ev.text)
+                    elif styled:
+                        console.print(ev.text, end="", style=_PALETTE[ev.dominant % len(_PALETTE)])
+                    elif ev.text:
+                        _write(f"{ev.text}[{ev.dominant + 1}]")
                 elif isinstance(ev, Done):
-                    out.write("\n\n")
-                    post = ev.posterior or [float("nan")] * len(passages)
-                    out.write(f"{'passage':<28} {'score':>6} {'prior':>6} {'posterior':>9}\n")
-                    for p, q in zip(passages, post, strict=False):
-                        out.write(f"{p.id:<28} {p.score:6.3f} {p.prior:6.3f} {q:9.3f}\n")
-                    out.write(
-                        f"[{ev.finish_reason}, {ev.usage.generated_tokens} tokens, first token "
-                        f"{ev.timings_ms['first_token']:.0f} ms, total {ev.timings_ms['total']:.0f} ms]\n"
-                    )
+                    _summary(console if styled else None, passages, ev)
     except RagmixError as e:
         print(f"ragmix ask: {e.code.name}: {e.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _summary(console: Console | None, passages: list[Passage], done: Done) -> None:
+    """After the answer: the passages with prior p(z|x) and posterior p(z|x,y), then timings."""
+    post = done.posterior or [float("nan")] * len(passages)
+    lines = ["", "", f"{'':4}{'passage':<24} {'score':>6} {'prior':>6} {'posterior':>9}  title"]
+    for j, (p, q) in enumerate(zip(passages, post, strict=False)):
+        lines.append(f"[{j + 1}] {p.id:<24} {p.score:6.3f} {p.prior:6.3f} {q:9.3f}  {p.title}")
+    t = done.timings
+    lines.append(
+        f"[{done.finish_reason}, {done.usage.generated_tokens} tokens, first token "
+        f"{t.first_token_ms:.0f} ms, total {t.total_ms:.0f} ms]"
+    )
+    if console is None:
+        _write("\n".join(lines) + "\n")
+        return
+    # On a terminal the passage numbers wear the colour their tokens were drawn in.
+    console.print("\n".join(lines[:3]))
+    for j, line in enumerate(lines[3:-1]):
+        console.print(line[:3], style=f"bold {_PALETTE[j % len(_PALETTE)]}", end="")
+        console.print(line[3:])
+    console.print(lines[-1], style="dim")
 
 
 def _jsonable(ev: object) -> object:
