@@ -1,0 +1,244 @@
+"""RAG-Sequence decoding (Lewis et al. 2020 §2.4): beam search per passage, then marginalise.
+
+- Beam search follows Hugging Face's `generate(num_beams=B)` defaults (transformers 5.x): the top
+  max(2, 1 + #EOS) * B continuations of all beams each step; a continuation that ends (EOS, or the
+  last allowed token) becomes a finished hypothesis only if it ranks in the top B; the B best
+  running ones go on; length_penalty 1.0, i.e. a hypothesis scores sum(log p) / length with the
+  EOS token counted in the length; early_stopping=False (stop once B hypotheses are finished and
+  the best running beam, divided by its current length, cannot beat the worst of them).
+- "thorough" (HF `RagSequenceForGeneration.generate`): every distinct hypothesis of every
+  passage's beams is rescored under every passage (one batched pass), and the one with the highest
+  log p(y|x) = logsumexp_j [log p_eta(z_j|x) + log p_phi(y|x,z_j)] wins; no length normalisation.
+- "fast" (ParlAI): a hypothesis' score under passage j is its beam log-prob if passage j's beam
+  produced it, else log 0; identical hypotheses are merged by log-add-exp over passages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from ragmix.engine import kv
+from ragmix.engine.prompts import PromptTemplate
+from ragmix.engine.score import (
+    continuation_logprobs,
+    logsumexp,
+    normalize_log_prior,
+    passage_prompts,
+    prefix_log_joint,
+    sequence_mixture,
+    softmax,
+)
+from ragmix.errors import ValidationError
+
+if TYPE_CHECKING:
+    from ragmix.models.generator import Generator
+
+LOG = logging.getLogger(__name__)
+
+LENGTH_PENALTY = 1.0  # HF's default: score = sum log p / length ** LENGTH_PENALTY
+MODES = ("thorough", "fast")
+
+
+@dataclass
+class Hypothesis:
+    ids: list[int]  # generated tokens, the EOS excluded
+    logprob: float  # sum of log p over the scored tokens (the EOS included when finished)
+    finished: bool  # ended with an EOS token (else it ran to max_new_tokens)
+    eos_id: int | None = None  # the EOS token that ended it
+    token_logprobs: list[float] = field(default_factory=list)  # one per scored token
+
+    @property
+    def scored_ids(self) -> list[int]:
+        """The tokens whose log-probs make up `logprob`: ids, then the EOS if finished."""
+        return [*self.ids, self.eos_id] if self.finished else list(self.ids)
+
+    @property
+    def score(self) -> float:
+        """Beam ranking score: length-normalised log-prob, the EOS counted in the length."""
+        return self.logprob / len(self.scored_ids) ** LENGTH_PENALTY
+
+
+@dataclass
+class SequenceAnswer:
+    ids: list[int]  # the chosen answer; ends with the EOS token when finish_reason == "eos"
+    logprob: float  # log p(y | x), the RAG-Sequence marginal over passages
+    token_logprobs: np.ndarray  # N: increments of log p(y_<=i | x), sum to logprob
+    responsibilities: np.ndarray  # N x K: p(z_j | x, y_<=i)
+    posterior: np.ndarray  # K: p(z_j | x, y)
+    finish_reason: str  # "eos" | "length"
+    candidates: int  # distinct hypotheses considered
+
+
+class _Beams:
+    """The beam search state of one prompt."""
+
+    def __init__(self) -> None:
+        self.live: list[list[int]] = [[]]  # running beams' tokens
+        self.live_logprobs: list[list[float]] = [[]]
+        self.scores = np.zeros(1)  # running beams' sum log p
+        self.finished: list[Hypothesis] = []
+        self.done = False
+
+    def advance(
+        self, logp: np.ndarray, step: int, last: bool, eos: np.ndarray, num_beams: int
+    ) -> tuple[list[int], list[int]]:
+        """One step over this prompt's beams (logp: beams x V log-probs); returns, for the next
+        running beams, the beam index each extends and the token it appends."""
+        vocab = logp.shape[1]
+        acc = (self.scores[:, None] + logp).ravel()  # beams*V
+        n = min(max(2, 1 + eos.size) * num_beams, acc.size)
+        top = np.argpartition(-acc, n - 1)[:n]
+        top = top[np.lexsort((top, -acc[top]))]  # by score descending, ties by lower index
+        parents, tokens = np.divmod(top, vocab)
+        is_eos = np.isin(tokens, eos)
+        hits = is_eos | last
+        for r in np.flatnonzero(hits[:num_beams]):
+            b, tok = int(parents[r]), int(tokens[r])
+            self.finished.append(
+                Hypothesis(
+                    ids=self.live[b] + ([] if is_eos[r] else [tok]),
+                    logprob=float(acc[top[r]]),
+                    finished=bool(is_eos[r]),
+                    eos_id=tok if is_eos[r] else None,
+                    token_logprobs=self.live_logprobs[b] + [float(logp[b, tok])],
+                )
+            )
+        self.finished.sort(key=lambda h: -h.score)  # stable: earlier ones win ties
+        del self.finished[num_beams:]
+        running = np.flatnonzero(~hits)[:num_beams]
+        self.live = [self.live[parents[r]] + [int(tokens[r])] for r in running]
+        self.live_logprobs = [
+            self.live_logprobs[parents[r]] + [float(logp[parents[r], tokens[r]])] for r in running
+        ]
+        self.scores = acc[top[running]]
+        if last or running.size == 0:
+            self.done = True
+        elif len(self.finished) == num_beams:
+            best_running = self.scores[0] / (step + 1) ** LENGTH_PENALTY
+            self.done = bool(best_running <= self.finished[-1].score)
+        return [int(parents[r]) for r in running], [int(tokens[r]) for r in running]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)  # rows x V
+    return x - logsumexp(x, axis=1)[:, None]
+
+
+def beam_search(
+    generator: Generator,
+    prompts: list[list[int]],
+    num_beams: int,
+    max_new_tokens: int,
+) -> list[list[Hypothesis]]:
+    """Beam search for every prompt, all prompts' beams as rows of one KV-cached pass per step.
+
+    Returns, per prompt, up to num_beams hypotheses sorted best first by `Hypothesis.score`.
+    """
+    if num_beams < 1:
+        raise ValidationError("num_beams", f"num_beams must be >= 1, got {num_beams}.")
+    if max_new_tokens < 1:
+        raise ValidationError(
+            "max_new_tokens", f"max_new_tokens must be >= 1, got {max_new_tokens}."
+        )
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("beam_search needs at least one prompt, each of at least one token.")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > generator.max_positions:
+        raise ValidationError(
+            "max_new_tokens",
+            f"the prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+            f"generator's context of {generator.max_positions} tokens; ask for fewer tokens.",
+        )
+    eos = np.array(sorted(generator.eos_token_ids), np.int64)
+    states = [_Beams() for _ in prompts]
+    logits, batch = kv.prefill(generator, prompts)  # rows x V: one row per prompt to start
+    for step in range(max_new_tokens):
+        last = step + 1 == max_new_tokens
+        logp = _log_softmax(logits)  # rows x V
+        rows: list[int] = []
+        tokens: list[int] = []
+        offset = 0
+        for state in states:
+            if state.done:
+                continue
+            width = len(state.live)
+            parents, toks = state.advance(logp[offset : offset + width], step, last, eos, num_beams)
+            if not state.done:
+                rows += [offset + p for p in parents]
+                tokens += toks
+            offset += width
+        if not rows:
+            break
+        batch = kv.select(batch, np.array(rows, np.int64))
+        batch.last = np.array(tokens, np.int64)
+        logits = kv.decode(generator, batch)
+    return [state.finished for state in states]
+
+
+def rag_sequence(
+    generator: Generator,
+    template: PromptTemplate,
+    passages: Sequence[tuple[str, str]],
+    log_prior: np.ndarray,
+    question: str,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    mode: Literal["thorough", "fast"] = "thorough",
+) -> SequenceAnswer:
+    """Decode one answer under RAG-Sequence: beams per passage, then marginalise (module doc).
+
+    passages: (title, text) of the K passages; log_prior [K]: log p_eta(z_j | x), renormalised
+    here; passages with a prior of 0 (-inf) get no beam search and zero posterior.
+    """
+    if mode not in MODES:
+        raise ValidationError("mode", f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+    if not passages:
+        raise ValueError("rag_sequence needs at least one passage.")
+    k = len(passages)
+    log_prior = normalize_log_prior(log_prior, k)
+    prompts = passage_prompts(generator, template, passages, question)
+    active = [int(j) for j in np.flatnonzero(np.isfinite(log_prior))]
+    beams = beam_search(generator, [prompts[j] for j in active], num_beams, max_new_tokens)
+
+    # Distinct candidates (exact token match, the EOS included), with each passage's beam result.
+    found: dict[tuple[int, ...], dict[int, Hypothesis]] = {}
+    for j, hyps in zip(active, beams, strict=True):
+        for h in hyps:
+            found.setdefault(tuple(h.scored_ids), {})[j] = h
+    keys = list(found)
+
+    if mode == "thorough":
+        rows = [(prompts[j], list(key)) for key in keys for j in active]
+        flat = continuation_logprobs(generator, [p for p, _ in rows], [c for _, c in rows])
+        lps = []
+        for c, key in enumerate(keys):
+            lp = np.zeros((k, len(key)))  # K x N (rows of inactive passages meet a -inf prior)
+            lp[active] = np.stack(flat[c * len(active) : (c + 1) * len(active)])
+            lps.append(lp)
+    else:
+        lps = []
+        for key in keys:
+            lp = np.full((k, len(key)), -np.inf)  # K x N: log 0 where the beam lacks it
+            for j, h in found[key].items():
+                lp[j] = h.token_logprobs
+            lps.append(lp)
+    marginals = [logsumexp(log_prior + lp.sum(axis=1), axis=0) for lp in lps]
+    best = int(np.argmax(marginals))  # first on ties
+    lp = lps[best]
+    mix = sequence_mixture(lp, log_prior)
+    hyp = next(iter(found[keys[best]].values()))
+    return SequenceAnswer(
+        ids=list(keys[best]),
+        logprob=mix.logprob,
+        token_logprobs=mix.token_logprobs,
+        responsibilities=softmax(prefix_log_joint(lp, log_prior), axis=0).T,  # N x K
+        posterior=mix.posterior,
+        finish_reason="eos" if hyp.finished else "length",
+        candidates=len(keys),
+    )
