@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -34,6 +35,9 @@ LOG = logging.getLogger(__name__)
 
 CHUNK = 2048  # vocabulary entries per task: small enough for L1/L2, big enough to amortise a task
 _BLOCK = 256  # float32 partial sums over this many entries, then float64: accurate and vectorised
+# Threads only pay for big steps: each parallel region is a fork/join, and on a machine whose cores
+# are also busy elsewhere a 2-thread step measured 10-40x slower than 1 thread (benchmarks/kernels.py).
+MIN_LOGITS_PER_THREAD = 1 << 20
 TINY = np.float32(1e-30)  # below this a float32 mixture probability is not trusted
 _NEG_INF = np.float32(-np.inf)
 
@@ -488,6 +492,37 @@ def release_scratch() -> None:
     _SCRATCH.release()
 
 
+_MAX_THREADS: int | None = None
+
+
+def set_max_threads(threads: int | None) -> None:
+    """Cap the kernels' threads (None: Numba's pool size, NUMBA_NUM_THREADS)."""
+    global _MAX_THREADS
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}.")
+    _MAX_THREADS = threads
+
+
+def kernel_threads(n_logits: int) -> int:
+    """Threads for a step over n_logits logits: one per MIN_LOGITS_PER_THREAD, within the cap."""
+    cap = numba.config.NUMBA_NUM_THREADS if _MAX_THREADS is None else _MAX_THREADS
+    return max(1, min(cap, numba.config.NUMBA_NUM_THREADS, n_logits // MIN_LOGITS_PER_THREAD))
+
+
+class _numba_threads:
+    """Run a block with this many Numba threads (a thread-local setting), then restore it."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def __enter__(self) -> None:
+        self.previous = numba.get_num_threads()
+        numba.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        numba.set_num_threads(self.previous)
+
+
 def mixture_step(
     logits: np.ndarray,
     log_prior: np.ndarray,
@@ -504,7 +539,8 @@ def mixture_step(
     )
     n_rows, vocab = logits.shape
     n_groups = offsets.shape[0] - 1
-    with _SCRATCH.lock:
+    threads = kernel_threads(n_rows * vocab)
+    with _SCRATCH.lock, _numba_threads(threads):
         work = _SCRATCH.get("work", (n_rows, vocab))  # rows x vocab
         p_mix = _SCRATCH.get("p_mix", (n_groups, vocab))  # groups x vocab
         out = _mixture_step(
@@ -526,4 +562,5 @@ def mixture_step(
 def row_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """log_softmax(logits)[n, targets[n]] for every row n, float32 [N] (Score, RAG-Sequence)."""
     logits, targets = check_row_inputs(logits, targets)
-    return _row_logprobs(logits, targets)
+    with _numba_threads(kernel_threads(logits.size)):
+        return _row_logprobs(logits, targets)
