@@ -278,6 +278,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- bench
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from ragmix.bench.loadgen import add_arguments
+
+    p = sub.add_parser("bench", help="benchmarks against a running server")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+    load = bsub.add_parser(
+        "load",
+        help="load generator: TTFT, inter-token and end-to-end latency, throughput",
+        description="Closed loop (--concurrency, a list is a sweep) or open loop (--rate, Poisson "
+        "arrivals, latency from the scheduled send time) against --target.",
+    )
+    add_arguments(load)
+    load.set_defaults(func=_bench_load)
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from ragmix.bench.loadgen import run_cli
+
+    return run_cli(args)
+
+
 # ------------------------------------------------------------------------------------- main
 
 
@@ -291,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ask(sub)
     _add_index(sub)
     _add_models(sub)
+    _add_bench(sub)
     return p
 
 

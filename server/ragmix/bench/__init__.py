@@ -1,0 +1,1 @@
+"""Benchmarks users run against a ragmix server (`ragmix bench ...`)."""
