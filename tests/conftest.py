@@ -43,7 +43,36 @@ def tiny_index_dir(tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFact
     assert len(docs) >= 5
     out = tmp_path_factory.mktemp("index") / "tiny"
     # 40-word passages keep the tiny tokenizer's prompts (~250 tokens) well inside the context.
-    return build_index(docs, Encoder.load(tiny_encoder_dir), out, words_per_passage=40, progress=False)
+    return build_index(
+        docs, Encoder.load(tiny_encoder_dir), out, words_per_passage=40, progress=False
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tiny_generator_dir: Path, tiny_encoder_dir: Path, tiny_index_dir: Path):
+    """(Generator, Encoder, IndexBundle) loaded from the tiny bundles, one thread each."""
+    from ragmix.index import IndexBundle
+    from ragmix.models.encoder import Encoder
+    from ragmix.models.generator import Generator
+
+    gen = Generator.load(tiny_generator_dir, threads=1)
+    enc = Encoder.load(tiny_encoder_dir, threads=1)
+    return gen, enc, IndexBundle.load(tiny_index_dir, encoder_fingerprint=enc.fingerprint)
+
+
+def make_engine(parts, **config):
+    """A started in-process Engine over `parts` with test limits; the caller shuts it down."""
+    from ragmix.engine.engine import Engine, EngineConfig
+    from ragmix.engine.params import Limits
+    from ragmix.engine.retrieval import RetrievalBatcher, Retriever
+
+    gen, enc, idx = parts
+    limits = Limits(max_top_k=8, default_top_k=3, max_new_tokens=64, default_max_new_tokens=16)
+    engine = Engine(
+        gen, RetrievalBatcher(Retriever(enc, idx)), EngineConfig(limits=limits, **config)
+    )
+    engine.start()
+    return engine
 
 
 @dataclass

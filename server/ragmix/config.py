@@ -53,8 +53,30 @@ class ServerConfig:
     max_batch_rows: int = field(
         default=64, metadata={"help": "passage rows in the running batch (K per request)"}
     )
+    passage_cache_bytes: int = field(
+        default=1 << 30,
+        metadata={"help": "byte budget of the passage prefix KV cache (0 = off)"},
+    )
     grace_seconds: float = field(
         default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may finish"}
+    )
+    metrics_port: int = field(
+        default=0, metadata={"help": "Prometheus /metrics HTTP port on --host (0 = off)"}
+    )
+    log_format: str = field(
+        default="text", metadata={"help": "log lines as 'text' (logfmt request lines) or 'json'"}
+    )
+    tls_cert: str | None = field(
+        default=None, metadata={"help": "PEM server certificate (chain); with --tls-key: TLS"}
+    )
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str | None = field(
+        default=None,
+        metadata={"help": "PEM CA bundle; clients must present a cert it signed (mutual TLS)"},
+    )
+    auth_token_file: str | None = field(
+        default=None,
+        metadata={"help": "file of bearer tokens, one per line; RPCs then need one (health open)"},
     )
     config: str | None = field(default=None, metadata={"help": "TOML file with these settings"})
 
@@ -95,11 +117,47 @@ class ServerConfig:
                 f"max_batch_rows ({self.max_batch_rows}) must be >= max_top_k ({self.max_top_k}) "
                 "so one request always fits.",
             )
+        if self.passage_cache_bytes < 0:
+            raise ValidationError(
+                "passage_cache_bytes",
+                f"passage_cache_bytes must be >= 0 (0 = off), got {self.passage_cache_bytes}.",
+            )
         if self.grace_seconds < 0:
             raise ValidationError(
                 "grace_seconds", f"grace_seconds must be >= 0, got {self.grace_seconds}."
             )
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValidationError(
+                "metrics_port",
+                f"metrics_port must be in [0, 65535] (0 = off), got {self.metrics_port}.",
+            )
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValidationError(
+                "metrics_port", f"metrics_port must differ from port ({self.port})."
+            )
+        if self.log_format not in ("text", "json"):
+            raise ValidationError(
+                "log_format", f"log_format must be 'text' or 'json', got {self.log_format!r}."
+            )
+        self._validate_security()
         return self
+
+    def _validate_security(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValidationError(
+                missing,
+                f"{given} was given without {missing}; TLS needs both --tls-cert and --tls-key.",
+            )
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValidationError(
+                "tls_client_ca",
+                "tls_client_ca (mutual TLS) needs the server's own --tls-cert and --tls-key too.",
+            )
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path and not (Path(path).is_file() and os.access(path, os.R_OK)):
+                raise ValidationError(name, f"{name}: cannot read file {path}.")
 
 
 def _coerce(f: dataclasses.Field[Any], raw: Any) -> Any:

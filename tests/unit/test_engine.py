@@ -11,15 +11,12 @@ import asyncio
 
 import numpy as np
 import pytest
+from conftest import make_engine
 
-from ragmix.engine.engine import Engine, EngineConfig
 from ragmix.engine.outputs import DoneEvent, FinishReason, PassagesEvent, TokenEvent
-from ragmix.engine.params import DecodingParams, Limits, Mixture, RetrievalParams
+from ragmix.engine.params import DecodingParams, Mixture, RetrievalParams
 from ragmix.engine.prompts import PromptTemplate, passage_text, tokenize_prompt
-from ragmix.engine.retrieval import RetrievalBatcher, Retriever
 from ragmix.errors import NotFoundError, OverloadedError, ValidationError
-from ragmix.index import IndexBundle
-from ragmix.models.encoder import Encoder
 from ragmix.models.generator import Generator
 
 QUESTIONS = [
@@ -31,22 +28,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_generator_dir, tiny_encoder_dir, tiny_index_dir):
-    gen = Generator.load(tiny_generator_dir, threads=1)
-    enc = Encoder.load(tiny_encoder_dir, threads=1)
-    idx = IndexBundle.load(tiny_index_dir, encoder_fingerprint=enc.fingerprint)
-    return gen, enc, idx
-
-
-def make_engine(parts, **kw) -> Engine:
-    gen, enc, idx = parts
-    cfg = EngineConfig(
-        limits=Limits(max_top_k=8, default_top_k=3, max_new_tokens=64, default_max_new_tokens=16),
-        **kw,
-    )
-    engine = Engine(gen, RetrievalBatcher(Retriever(enc, idx)), cfg)
-    engine.start()
-    return engine
+def parts(tiny_parts):
+    return tiny_parts
 
 
 @pytest.fixture(scope="module")

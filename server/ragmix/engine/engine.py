@@ -17,16 +17,24 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ragmix import kernels
 from ragmix.engine import kv
+from ragmix.engine.observer import EngineObserver
 from ragmix.engine.outputs import DoneEvent, Event, PassagesEvent, RetrievedPassage
 from ragmix.engine.params import DecodingParams, Limits, Mixture, RetrievalParams
-from ragmix.engine.prompts import PromptTemplate, concat_text, passage_text, tokenize_prompt
+from ragmix.engine.prefix_cache import PassageCache, prefix_key
+from ragmix.engine.prompts import (
+    PromptTemplate,
+    PromptTokens,
+    concat_text,
+    passage_text,
+    tokenize_prompt,
+)
 from ragmix.engine.request import Request
 from ragmix.engine.retrieval import RetrievalBatcher
 from ragmix.errors import OverloadedError, UnavailableError, ValidationError
@@ -42,6 +50,7 @@ class EngineConfig:
     max_queued_requests: int = 64  # requests waiting for admission
     max_batch_rows: int = 64  # passage rows in the running batch
     max_prefill_rows: int = 32  # rows prefilled in one step (bounds a step's latency and memory)
+    passage_cache_bytes: int = 1 << 30  # passage prefix KV cache budget; 0 = off
 
 
 class Engine:
@@ -60,7 +69,11 @@ class Engine:
         self._stopping = False
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="ragmix-engine", daemon=True)
-        self.on_step: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
+        self.passage_cache = (
+            PassageCache(config.passage_cache_bytes) if config.passage_cache_bytes > 0 else None
+        )
+        self.observer = EngineObserver()
+        retrieval.on_batch = lambda n, seconds: self.observer.on_retrieval(n, seconds)
 
     # ----------------------------------------------------------------- lifecycle (any thread)
 
@@ -274,12 +287,13 @@ class Engine:
             logits.append(kv.decode(self.generator, self._batch))  # rows x V
         if new:
             tp = time.perf_counter()
-            new_logits, new_batch = kv.prefill(
-                self.generator, [p.ids for r in new for p in r.prompts]
-            )
+            new_logits, new_batch, cached = self._prefill([p for r in new for p in r.prompts])
             prefill_ms = (time.perf_counter() - tp) * 1e3
+            row = 0
             for r in new:
                 r.admitted, r.prefill_ms = tp, prefill_ms
+                r.cached_prompt_tokens = sum(cached[row : row + r.rows])
+                row += r.rows
             logits.append(new_logits)
             self._batch = kv.concat(self._batch, new_batch)
             self._running.extend(new)
@@ -310,7 +324,14 @@ class Engine:
                 zip(res.top_ids[g, :n].tolist(), res.top_logprobs[g, :n].tolist(), strict=True)
             )
             token = int(res.token[g])
-            if r.on_token(token, float(res.logprob[g]), res.responsibility[a:b], top):
+            previous = r.last_token_time
+            finished = r.on_token(token, float(res.logprob[g]), res.responsibility[a:b], top)
+            if len(r.tokens) == 1:
+                self.observer.on_first_token(r.first_token - r.arrival)
+            else:
+                self.observer.on_inter_token(r.last_token_time - previous)
+            if finished:
+                self.observer.on_finish(r.finish_reason, len(r.tokens))
                 continue
             self._batch.last[a:b] = token
             keep.extend(range(a, b))
@@ -318,8 +339,37 @@ class Engine:
         if len(still) != len(reqs):
             self._batch = kv.select(self._batch, np.array(keep, np.int64))
         self._running = still
-        if self.on_step is not None:
-            self.on_step(int(offsets[-1]), time.perf_counter() - t0)
+        self.observer.on_step(int(offsets[-1]), len(reqs), time.perf_counter() - t0)
+        self.observer.on_queue(len(self._waiting), len(self._running), self._batch.rows)
+
+    def _prefill(self, prompts: list[PromptTokens]) -> tuple[np.ndarray, kv.Batch, list[int]]:
+        """Prefill new rows, taking passage prefixes from the cache and caching the ones missed.
+
+        Returns rows x V logits, the rows' KV batch and each row's count of cached prompt tokens.
+        """
+        cache = self.passage_cache
+        if cache is None:
+            logits, batch = kv.prefill(self.generator, [p.ids for p in prompts])
+            self.observer.on_prefill(len(prompts), batch.mask.sum(), 0, 0.0)
+            return logits, batch, [0] * len(prompts)
+        t0 = time.perf_counter()
+        keys = [prefix_key(self.generator.fingerprint, p.passage) for p in prompts]
+        hits = [cache.get(k) for k in keys]
+        todo = [p.rest if h else p.ids for p, h in zip(prompts, hits, strict=True)]
+        logits, batch = kv.prefill(self.generator, todo, [h.past if h else None for h in hits])
+        stored: set[bytes] = set()
+        for i, (p, h, k) in enumerate(zip(prompts, hits, keys, strict=True)):
+            if h is None and p.passage and k not in stored:
+                start = batch.length - len(todo[i])  # new tokens are right-aligned
+                cache.put(k, p.passage, kv.row_slots(batch, i, start, len(p.passage)))
+                stored.add(k)
+        cached = [len(p.passage) if h else 0 for p, h in zip(prompts, hits, strict=True)]
+        n_hits = sum(1 for h in hits if h)
+        self.observer.on_passage_cache(n_hits, len(hits) - n_hits, cache.bytes, len(cache))
+        self.observer.on_prefill(
+            len(prompts), sum(len(t) for t in todo), sum(cached), time.perf_counter() - t0
+        )
+        return logits, batch, cached
 
     def _drop_cancelled(self) -> None:
         if not any(r.cancelled for r in self._running):
@@ -333,6 +383,7 @@ class Engine:
                 still.append(r)
             else:
                 LOG.info("request %s cancelled after %d tokens", r.id, len(r.tokens))
+                self.observer.on_finish("cancelled", len(r.tokens))
             start += r.rows
         self._batch = kv.select(self._batch, np.array(keep, np.int64))
         self._running = still

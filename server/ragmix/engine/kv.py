@@ -49,25 +49,48 @@ class Batch:
         )
 
 
-def prefill(generator: Generator, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, Batch]:
-    """Run the prompts (left-padded to one length) and return their next-token logits and KV.
+def prefill(
+    generator: Generator,
+    prompts: Sequence[Sequence[int]],
+    prefixes: Sequence[list[np.ndarray] | None] | None = None,
+) -> tuple[np.ndarray, Batch]:
+    """Run the prompts in one pass and return their next-token logits and KV.
 
-    The returned batch's `last` is unset (-1): the caller appends the token it picks from the logits.
+    Row i continues from prefixes[i] when given (the cached KV of the tokens before prompts[i],
+    2*layers x [1, kv_heads, P_i, head_dim]); then only prompts[i] is computed. Cached prefixes are
+    right-aligned in a past of length max P_i, new tokens right-aligned after it; the mask skips the
+    padding between, and positions count only real slots, so a row computes exactly what it would
+    alone. The new tokens of row i occupy the last len(prompts[i]) slots of the returned batch.
+    The batch's `last` is unset (-1): the caller appends the token it picks from the logits.
     """
     n, s = len(prompts), max(len(p) for p in prompts)
+    prefixes = prefixes if prefixes is not None else [None] * n
+    plen = [0 if x is None else x[0].shape[2] for x in prefixes]
+    p = max(plen)
+    past = generator.empty_cache(n)
+    if p:
+        past = [np.zeros((n, a.shape[1], p, a.shape[3]), a.dtype) for a in past]
+        for i, prefix in enumerate(prefixes):
+            if prefix is not None:
+                for layer, cached in zip(past, prefix, strict=True):
+                    layer[i, :, p - plen[i] :] = cached[0]  # kv_heads x P_i x head_dim
     ids = np.zeros((n, s), np.int64)  # rows x S
-    mask = np.zeros((n, s), np.int64)  # rows x S
-    for i, p in enumerate(prompts):
-        ids[i, s - len(p) :] = p
-        mask[i, s - len(p) :] = 1
+    mask = np.zeros((n, p + s), np.int64)  # rows x P+S
+    for i, tokens in enumerate(prompts):
+        ids[i, s - len(tokens) :] = tokens
+        mask[i, p - plen[i] : p] = 1
+        mask[i, p + s - len(tokens) :] = 1
     positions = positions_from_mask(mask, s)  # rows x S
     logits_index = np.full((n, 1), s - 1, np.int64)  # rows x 1: the last prompt position
-    logits, present = generator.forward(
-        ids, mask, positions, generator.empty_cache(n), logits_index
-    )
-    lengths = np.array([len(p) for p in prompts], np.int64)
+    logits, present = generator.forward(ids, mask, positions, past, logits_index)
+    lengths = np.array([a + len(b) for a, b in zip(plen, prompts, strict=True)], np.int64)
     batch = Batch(present, mask, lengths, np.full(n, -1, np.int64))
     return logits[:, 0, :], batch  # rows x V
+
+
+def row_slots(batch: Batch, row: int, start: int, length: int) -> list[np.ndarray]:
+    """The KV of slots [start, start+length) of one row: 2*layers x [1, kv_heads, length, hd]."""
+    return [a[row : row + 1, :, start : start + length] for a in batch.past]
 
 
 def decode(generator: Generator, batch: Batch) -> np.ndarray:

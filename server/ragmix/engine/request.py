@@ -45,6 +45,9 @@ class Request:
     admitted: float = 0.0
     prefill_ms: float = 0.0
     first_token: float = 0.0
+    last_token_time: float = 0.0
+    cached_prompt_tokens: int = 0
+    finish_reason: str = ""
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.decoding.seed)
@@ -75,6 +78,7 @@ class Request:
         now = time.perf_counter()
         if not self.tokens:
             self.first_token = now
+        self.last_token_time = now
         self.tokens.append(token)
         if self.mixture is not Mixture.CONCAT:
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -94,6 +98,7 @@ class Request:
         resp = [] if self.mixture is Mixture.CONCAT else [float(r) for r in responsibility]
         self.emit(TokenEvent(token, piece, float(logprob), resp, top))
         if finish is not None:
+            self.finish_reason = finish.name.lower()
             self.emit(self._done(finish, now))
         return finish is not None
 
@@ -113,7 +118,7 @@ class Request:
         return DoneEvent(
             finish,
             "".join(self.text),
-            Usage(self.prompt_tokens, 0, len(self.tokens)),
+            Usage(self.prompt_tokens, self.cached_prompt_tokens, len(self.tokens)),
             Timings(
                 retrieval_ms=self.retrieval_ms,
                 queue_ms=ms(self.admitted) - self.retrieval_ms,
