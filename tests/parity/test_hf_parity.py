@@ -160,3 +160,41 @@ def test_engine_greedy_token_equals_hf_marginal_greedy(models, retrieval):
             break
     assert [t.id for t in tokens] == want
     np.testing.assert_allclose([t.logprob for t in tokens], want_logprobs, atol=ATOL)
+
+
+def test_beam_search_equals_hf_generate(models, monkeypatch):
+    """Same hypotheses and scores as HF `generate(num_beams=3)`, with an EOS token the model emits
+    early (so finished beams, the length penalty and early stopping are all exercised)."""
+    from ragmix.engine.sequence import beam_search
+
+    gen, model = models
+    template = PromptTemplate.parse(gen.prompt_template)
+    prompt = passage_prompts(gen, template, PASSAGES[:1], QUESTION)[0]
+    n, beams = 6, 3
+    for eos in beam_search(gen, [prompt], beams, n)[0][0].ids[1:]:  # tokens the best beam emits
+        monkeypatch.setattr(gen, "eos_token_ids", frozenset({eos}))
+        hyps = beam_search(gen, [prompt], beams, n)[0]
+        if any(h.finished for h in hyps):
+            break
+    assert any(h.finished for h in hyps), "no token of the best beam ends a returned hypothesis"
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            num_beams=beams,
+            num_return_sequences=beams,
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=eos,
+            pad_token_id=gen.pad_token_id,
+            length_penalty=1.0,
+            early_stopping=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    want = []
+    for row in out.sequences[:, len(prompt) :].tolist():
+        want.append(row[: row.index(eos) + 1] if eos in row else row)
+    assert [h.scored_ids for h in hyps] == want
+    np.testing.assert_allclose([h.score for h in hyps], out.sequences_scores.numpy(), atol=1e-4)
