@@ -6,6 +6,7 @@ Anything else is a bug: it is logged with a traceback and reported as INTERNAL w
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,6 +50,22 @@ async def _abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:
     await context.abort(code, message)
 
 
+def rebuild(
+    handler: grpc.RpcMethodHandler,
+    *,
+    unary_unary: Callable[..., Any] | None = None,
+    unary_stream: Callable[..., Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler with `handler`'s (de)serializers and a new behaviour; interceptors wrap with it."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
@@ -58,10 +75,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
@@ -73,9 +86,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as e:
                     await _abort(context, e)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+            return rebuild(handler, unary_unary=unary_unary)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
+            if inspect.iscoroutinefunction(inner_us):  # writes with context.write (health Watch)
+
+                async def unary_stream_writer(
+                    request: Any, context: grpc.aio.ServicerContext
+                ) -> None:
+                    try:
+                        await inner_us(request, context)
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:
+                        await _abort(context, e)
+
+                return rebuild(handler, unary_stream=unary_stream_writer)
 
             async def unary_stream(
                 request: Any, context: grpc.aio.ServicerContext
@@ -88,5 +114,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as e:
                     await _abort(context, e)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+            return rebuild(handler, unary_stream=unary_stream)
         return handler

@@ -9,12 +9,21 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 import ragmix
 from ragmix.config import ServerConfig
 from ragmix.engine.engine import Engine
 from ragmix.engine.loader import load_engine
 from ragmix.service.errors import ErrorInterceptor
+from ragmix.service.metrics import (
+    ObservingInterceptor,
+    PrometheusObserver,
+    RpcMetrics,
+    configure_logs,
+    serve_metrics,
+)
+from ragmix.service.security import AuthInterceptor, load_tokens, server_credentials
 from ragmix.service.servicer import RagServicer
 from ragmix_client._proto import ragmix_pb2 as pb
 from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
@@ -51,11 +60,33 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
 
 async def serve(config: ServerConfig) -> None:
     """Load the bundles, serve until SIGTERM/SIGINT, then drain and exit."""
+    configure_logs(config.log_format)
+    # Credentials, tokens and the metrics port are checked before the slow model load.
+    credentials = server_credentials(config)
+    tokens = load_tokens(config.auth_token_file) if config.auth_token_file else None
+    if tokens and credentials is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        LOG.warning("bearer tokens travel in clear text: serving on %s without TLS", config.host)
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry)
+    rpc_metrics = RpcMetrics(registry)
+    metrics_server = (
+        serve_metrics(registry, config.host, config.metrics_port) if config.metrics_port else None
+    )
+
     engine = await asyncio.to_thread(load_engine, config)
+    engine.observer = observer
+    if engine.retrieval.on_batch is None:
+        engine.retrieval.on_batch = observer.on_retrieval
     engine.start()
 
+    observing = ObservingInterceptor(SERVICE_NAME, rpc_metrics)
+    # Order: request id and final status around everything; auth refuses before the servicer.
+    interceptors: list[grpc.aio.ServerInterceptor] = [observing]
+    if tokens:
+        interceptors.append(AuthInterceptor(tokens))
+    interceptors.append(ErrorInterceptor())
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -68,7 +99,10 @@ async def serve(config: ServerConfig) -> None:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
@@ -76,19 +110,42 @@ async def serve(config: ServerConfig) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # Tests and scripts read this line to find the port when --port 0 picked one.
     print(f"ragmix serving on {config.host}:{port}", flush=True)
-    LOG.info("serving %s on %s:%d", SERVICE_NAME, config.host, port)
+    LOG.info(
+        "serving %s on %s:%d (%s%s%s)",
+        SERVICE_NAME,
+        config.host,
+        port,
+        "plaintext" if credentials is None else "TLS",
+        ", client certificates required" if config.tls_client_ca else "",
+        f", {len(tokens)} bearer token(s)" if tokens else "",
+    )
+    if metrics_server is not None:
+        LOG.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
-    stop = asyncio.Event()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (force if stop.is_set() else stop).set()  # a second signal skips the rest of the drain
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await stop.wait()
     finally:
         LOG.info("shutting down: draining for up to %.0f s", config.grace_seconds)
         await health_servicer.enter_graceful_shutdown()
         engine.stop_admitting()
-        # Grace: in-flight RPCs may finish within it; after it they are cancelled.
-        await server.stop(config.grace_seconds)
+        # While streams finish the server still answers: health says NOT_SERVING and new
+        # requests get UNAVAILABLE with a message, rather than a connection error.
+        deadline = loop.time() + config.grace_seconds
+        while observing.in_flight > 0 and loop.time() < deadline and not force.is_set():
+            await asyncio.sleep(0.05)
+        if observing.in_flight:
+            LOG.warning("grace period over: cancelling %d RPCs", observing.in_flight)
+        # RPCs still running after the grace are cancelled (which frees their rows).
+        await server.stop(0 if force.is_set() else max(deadline - loop.time(), 0.0))
         await asyncio.to_thread(engine.shutdown)
+        if metrics_server is not None:
+            metrics_server.shutdown()
         LOG.info("stopped")
