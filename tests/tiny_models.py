@@ -73,7 +73,7 @@ def build_tiny_causal_lm(
         "initializer_range": init_std,
     }
     if family == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=1024, **common)
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=2048, **common)
     else:
         cls = LlamaConfig if family == "llama" else Qwen2Config
         config = cls(
@@ -82,7 +82,7 @@ def build_tiny_causal_lm(
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,  # grouped-query attention, as in the real models
-            max_position_embeddings=1024,
+            max_position_embeddings=2048,
             tie_word_embeddings=family == "llama",
             **common,
         )
@@ -102,7 +102,7 @@ def build_tiny_causal_lm(
         "bos_token": "<|endoftext|>",
         "eos_token": SPECIAL_TOKENS[eos],
         "pad_token": "<pad>",
-        "model_max_length": 1024,
+        "model_max_length": 2048,
     }
     if family == "llama":
         tokenizer_config["chat_template"] = CHATML_TEMPLATE

@@ -184,3 +184,43 @@ def test_ask_cli_reports_server_errors(tiny_server):
     )
     assert r.returncode == 1
     assert "INVALID_ARGUMENT" in r.stderr and "top_k" in r.stderr
+
+
+def test_score_rpc_returns_all_three_mixtures(stub):
+    r = stub.Score(
+        pb.ScoreRequest(query=QUESTION, answer="It makes a generator.", top_k=3), timeout=120
+    )
+    n = len(r.answer_token_ids)
+    assert n > 0 and len(r.passages) == 3
+    for m in (r.token, r.sequence, r.concat):
+        assert len(m.token_logprobs) == n
+        assert abs(sum(m.token_logprobs) - m.logprob) < 1e-3
+    assert abs(sum(r.token.posterior) - 1) < 1e-5 and abs(sum(r.sequence.posterior) - 1) < 1e-5
+    assert len(r.token.responsibilities) == n * 3
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(pb.ScoreRequest(query=QUESTION, answer=""), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_sequence_and_concat_mixtures_stream(stub):
+    for mixture in (pb.MIXTURE_SEQUENCE, pb.MIXTURE_CONCAT):
+        events = generate(
+            stub,
+            top_k=2,
+            mixture=mixture,
+            decoding=pb.DecodingParams(max_new_tokens=6, num_beams=2),
+        )
+        tokens = [e.token for e in events[1:-1]]
+        done = events[-1].done
+        assert tokens and "".join(t.text for t in tokens) == done.text
+        if mixture == pb.MIXTURE_SEQUENCE:
+            assert abs(sum(done.posterior) - 1) < 1e-5
+        else:
+            assert list(done.posterior) == [] and all(not t.responsibilities for t in tokens)
+
+
+def test_top_n_alternatives(stub):
+    events = generate(stub, top_k=2, decoding=pb.DecodingParams(max_new_tokens=3, top_n=2))
+    for e in events[1:-1]:
+        alts = e.token.alternatives
+        assert len(alts) == 2 and alts[0].id == e.token.id and alts[0].logprob >= alts[1].logprob

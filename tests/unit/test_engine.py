@@ -213,7 +213,75 @@ def test_queue_limit_refuses_at_once(parts):
 
 
 def test_prompt_longer_than_context_is_refused(engine, parts):
-    query = "yield " * 330  # under max_query_chars, but ~1000+ tokens for the tiny tokenizer
+    query = "€" * 1990  # under max_query_chars, but ~6000 byte-level tokens
     assert len(parts[0].encode(query)) + 64 > parts[0].max_positions
     with pytest.raises(ValidationError, match="context"):
         asyncio.run(collect(engine, query, n=64))
+
+
+def test_sequence_mixture_streams_the_marginalised_answer(engine, parts):
+    from ragmix.engine.sequence import rag_sequence
+
+    gen = parts[0]
+    events = asyncio.run(
+        collect(engine, QUESTIONS[0], k=3, n=8, mixture=Mixture.SEQUENCE, num_beams=2)
+    )
+    passages, done = events[0].passages, events[-1]
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    tpl = PromptTemplate.parse(gen.prompt_template)
+    direct = rag_sequence(
+        gen,
+        tpl,
+        [(p.title, p.text) for p in passages],
+        np.log([p.prior for p in passages]),
+        QUESTIONS[0],
+        num_beams=2,
+        max_new_tokens=8,
+    )
+    assert [t.id for t in tokens] == direct.ids
+    np.testing.assert_allclose(sum(t.logprob for t in tokens), direct.logprob, atol=1e-4)
+    for t in tokens:
+        assert len(t.responsibilities) == 3 and abs(sum(t.responsibilities) - 1) <= 1e-5
+    np.testing.assert_allclose(done.posterior, direct.posterior, atol=1e-6)
+    np.testing.assert_allclose(tokens[-1].responsibilities, done.posterior, atol=1e-5)
+    assert "".join(t.text for t in tokens) == done.text
+
+
+def test_score_reproduces_streamed_token_logprobs(engine, parts):
+    gen = parts[0]
+    events = asyncio.run(collect(engine, QUESTIONS[1], k=3, n=10))
+    tokens = [e for e in events if isinstance(e, TokenEvent) and e.id not in gen.eos_token_ids]
+    text = "".join(t.text for t in tokens)
+    if gen.encode(text) != [t.id for t in tokens]:
+        pytest.skip("the tiny tokenizer does not round-trip this answer")
+    ids = [p.id for p in events[0].passages]
+    _, result = asyncio.run(
+        engine.score(RetrievalParams(QUESTIONS[1], passage_ids=ids), text)
+    )
+    assert result.answer_ids == [t.id for t in tokens]
+    np.testing.assert_allclose(result.token.token_logprobs, [t.logprob for t in tokens], atol=1e-4)
+    np.testing.assert_allclose(
+        result.token.responsibilities, [t.responsibilities for t in tokens], atol=1e-4
+    )
+    for m in (result.token, result.sequence):
+        assert abs(m.posterior.sum() - 1) <= 1e-5
+        np.testing.assert_allclose(m.token_logprobs.sum(), m.logprob, atol=1e-4)
+    assert result.concat.posterior.size == 0
+
+
+def test_score_with_one_passage_token_equals_sequence(engine):
+    _, result = asyncio.run(
+        engine.score(RetrievalParams(QUESTIONS[2], top_k=1), "It loads a module.")
+    )
+    np.testing.assert_allclose(result.token.logprob, result.sequence.logprob, atol=1e-5)
+    with pytest.raises(ValidationError, match="answer"):
+        asyncio.run(engine.score(RetrievalParams(QUESTIONS[2]), "  "))
+
+
+def test_top_n_alternatives_lead_with_the_greedy_token(engine):
+    events = asyncio.run(collect(engine, QUESTIONS[0], k=2, n=4, top_n=3))
+    for t in (e for e in events if isinstance(e, TokenEvent)):
+        assert len(t.top) == 3
+        assert t.top[0][0] == t.id
+        np.testing.assert_allclose(t.top[0][2], t.logprob, atol=1e-6)
+        assert t.top[0][2] >= t.top[1][2] >= t.top[2][2]

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,8 @@ from ragmix.engine.prompts import (
 )
 from ragmix.engine.request import Request
 from ragmix.engine.retrieval import RetrievalBatcher
+from ragmix.engine.score import ScoreResult, score_answer
+from ragmix.engine.sequence import rag_sequence
 from ragmix.errors import OverloadedError, UnavailableError, ValidationError
 from ragmix.models.generator import Generator
 
@@ -63,6 +66,11 @@ class Engine:
         self.template = PromptTemplate.parse(generator.prompt_template)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []
+        # Whole-request model work (Score, RAG-Sequence beam search) runs on the engine thread
+        # between steps, so one thread owns the generator.
+        self._jobs: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = (
+            collections.deque()
+        )
         self._batch = kv.Batch.empty(generator)
         self._cv = threading.Condition()
         self._accepting = True
@@ -120,12 +128,6 @@ class Engine:
         limits = self.config.limits
         retrieval.verify(limits)
         decoding.verify(limits)
-        if mixture is Mixture.SEQUENCE:
-            raise ValidationError(
-                "mixture",
-                "mixture MIXTURE_SEQUENCE is not served by this version yet; use MIXTURE_TOKEN "
-                "or MIXTURE_CONCAT.",
-            )
         self._check_capacity()
         passages, retrieval_ms = await self.retrieval.retrieve(retrieval)
         yield PassagesEvent(passages)
@@ -135,6 +137,12 @@ class Engine:
         )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        if mixture is Mixture.SEQUENCE:
+            async for ev in self._generate_sequence(
+                retrieval.query, passages, prompts, log_prior, decoding, arrival, retrieval_ms
+            ):
+                yield ev
+            return
 
         def emit(ev: Event | BaseException) -> None:
             try:
@@ -171,6 +179,101 @@ class Engine:
         finally:
             if not finished:
                 self.cancel(request)
+
+    async def _generate_sequence(
+        self,
+        question: str,
+        passages: list[RetrievedPassage],
+        prompts: list,
+        log_prior: np.ndarray,
+        decoding: DecodingParams,
+        arrival: float,
+        retrieval_ms: float,
+    ) -> AsyncIterator[Event]:
+        """RAG-Sequence: beams per passage and marginalisation as one engine job, then stream."""
+        admitted = time.perf_counter()
+        answer = await self._run_job(
+            lambda: rag_sequence(
+                self.generator,
+                self.template,
+                [(p.title, p.text) for p in passages],
+                log_prior,
+                question,
+                num_beams=decoding.num_beams,
+                max_new_tokens=decoding.max_new_tokens,
+                mode="fast" if decoding.fast_sequence_decoding else "thorough",
+            )
+        )
+        done = time.perf_counter()
+        out: list[Event] = []
+        request = Request(
+            id=f"r{next(self._ids)}",
+            mixture=Mixture.SEQUENCE,
+            decoding=decoding,
+            passages=passages,
+            prompts=prompts,
+            log_prior=log_prior,
+            emit=out.append,
+            decode_text=self.generator.decode,
+            eos_ids=self.generator.eos_token_ids,
+            arrival=arrival,
+            retrieval_ms=retrieval_ms,
+        )
+        request.admitted, request.prefill_ms = admitted, (done - admitted) * 1e3
+        request.final_posterior = [float(p) for p in answer.posterior]
+        for i, token in enumerate(answer.ids):
+            finished = request.on_token(
+                token, float(answer.token_logprobs[i]), answer.responsibilities[i], []
+            )
+            while out:
+                yield out.pop(0)
+            if finished:
+                self.observer.on_finish(request.finish_reason, len(request.tokens))
+                return
+
+    async def score(
+        self, retrieval: RetrievalParams, answer: str
+    ) -> tuple[list[RetrievedPassage], ScoreResult]:
+        """log p(answer | question) under TOKEN, SEQUENCE and CONCAT, from one batched pass."""
+        limits = self.config.limits
+        retrieval.verify(limits)
+        if not answer.strip():
+            raise ValidationError("answer", "answer must be non-empty text to score.")
+        if len(answer) > limits.max_query_chars * 4:
+            raise ValidationError(
+                "answer",
+                f"answer must be at most {limits.max_query_chars * 4} characters, "
+                f"got {len(answer)}.",
+            )
+        self._check_capacity()
+        passages, _ = await self.retrieval.retrieve(retrieval)
+        with np.errstate(divide="ignore"):
+            log_prior = np.log(np.array([p.prior for p in passages], np.float64))
+
+        def job() -> ScoreResult:
+            n = len(self.generator.encode(answer))
+            if n > limits.max_new_tokens:
+                raise ValidationError(
+                    "answer",
+                    f"answer must be at most {limits.max_new_tokens} tokens, got {n}.",
+                )
+            return score_answer(
+                self.generator,
+                self.template,
+                [(p.title, p.text) for p in passages],
+                log_prior,
+                retrieval.query,
+                answer,
+            )
+
+        return passages, await self._run_job(job)
+
+    async def _run_job(self, fn: Callable[[], object]):
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._jobs.append((fn, fut))
+            self._cv.notify()
+        return await asyncio.wrap_future(fut)
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True
@@ -257,10 +360,18 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting or self._running or self._stopping):
+                while not (self._waiting or self._running or self._jobs or self._stopping):
                     self._cv.wait()
                 if self._stopping:
                     break
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            for fn, fut in jobs:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:  # delivered to the caller, who maps it to a status
+                        fut.set_exception(e)
             try:
                 self.step()
             except Exception as e:  # a bug: fail the requests in flight, keep serving the next
@@ -274,6 +385,9 @@ class Engine:
             for r in [*self._running, *self._waiting]:
                 r.emit(err)
             self._running, self._waiting = [], collections.deque()
+            for _, fut in self._jobs:
+                fut.set_exception(err)
+            self._jobs.clear()
 
     def step(self) -> None:
         t0 = time.perf_counter()
@@ -320,9 +434,13 @@ class Engine:
         for g, r in enumerate(reqs):
             a, b = offsets[g], offsets[g + 1]
             n = r.decoding.top_n
-            top = list(
-                zip(res.top_ids[g, :n].tolist(), res.top_logprobs[g, :n].tolist(), strict=True)
-            )
+            top = [
+                (i, self.generator.decode([i]), lp)
+                for i, lp in zip(
+                    res.top_ids[g, :n].tolist(), res.top_logprobs[g, :n].tolist(), strict=True
+                )
+                if i >= 0
+            ]
             token = int(res.token[g])
             previous = r.last_token_time
             finished = r.on_token(token, float(res.logprob[g]), res.responsibility[a:b], top)

@@ -34,7 +34,7 @@ class TokenEvent:
     text: str
     logprob: float  # log p(y_i | x, y_<i) under the mixture
     responsibilities: list[float]  # r_ij over the K passages
-    top: list[tuple[int, float]] = field(default_factory=list)  # top-n alternatives (id, logprob)
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # top-n (id, text, logprob)
 
 
 @dataclass(frozen=True)

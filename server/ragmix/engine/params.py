@@ -108,6 +108,8 @@ class DecodingParams:
     """Beams per passage for RAG-Sequence; 0 = 4."""
     top_n: int = 0
     """Alternatives reported per token, in [0, 20]."""
+    fast_sequence_decoding: bool = False
+    """RAG-Sequence: ParlAI's "fast" marginalisation instead of "thorough" rescoring."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -48,6 +48,7 @@ class Request:
     last_token_time: float = 0.0
     cached_prompt_tokens: int = 0
     finish_reason: str = ""
+    final_posterior: list[float] | None = None  # set by RAG-Sequence, which knows it up front
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.decoding.seed)
@@ -72,7 +73,7 @@ class Request:
         token: int,
         logprob: float,
         responsibility: np.ndarray,  # rows
-        top: list[tuple[int, float]],
+        top: list[tuple[int, str, float]],
     ) -> bool:
         """Record the chosen token and stream it; True when the request is finished."""
         now = time.perf_counter()
@@ -80,7 +81,7 @@ class Request:
             self.first_token = now
         self.last_token_time = now
         self.tokens.append(token)
-        if self.mixture is not Mixture.CONCAT:
+        if self.mixture is Mixture.TOKEN:
             with np.errstate(divide="ignore", invalid="ignore"):
                 # r_j = pi_j p_j(y) / p_mix(y)  =>  log p_j(y) = log r_j + log p_mix(y) - log pi_j
                 row = np.log(responsibility.astype(np.float64)) + logprob - self.log_prior
@@ -106,6 +107,8 @@ class Request:
         """p(z_j | x, y) = softmax_j(log pi_j + sum_i log p_j(y_i)); empty for CONCAT."""
         if self.mixture is Mixture.CONCAT:
             return []
+        if self.final_posterior is not None:
+            return self.final_posterior
         z = self.log_prior.astype(np.float64) + self.seq_logp
         m = np.max(z)
         if not math.isfinite(m):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ragmix.engine.outputs import DoneEvent, Event, PassagesEvent, RetrievedPassage, TokenEvent
 from ragmix.engine.params import DecodingParams, Mixture, RetrievalParams
+from ragmix.engine.score import MixtureScore, ScoreResult
 from ragmix.errors import ValidationError
 from ragmix_client._proto import ragmix_pb2 as pb
 
@@ -39,6 +40,8 @@ def decoding_from_pb(msg: pb.DecodingParams) -> DecodingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         stop=list(msg.stop),
         num_beams=msg.num_beams,
+        top_n=msg.top_n,
+        fast_sequence_decoding=msg.fast_sequence_decoding,
     )
 
 
@@ -50,7 +53,11 @@ def event_to_pb(ev: Event) -> pb.GenerateResponse:
     if isinstance(ev, TokenEvent):
         return pb.GenerateResponse(
             token=pb.Token(
-                id=ev.id, text=ev.text, logprob=ev.logprob, responsibilities=ev.responsibilities
+                id=ev.id,
+                text=ev.text,
+                logprob=ev.logprob,
+                responsibilities=ev.responsibilities,
+                alternatives=[pb.Alternative(id=i, text=t, logprob=lp) for i, t, lp in ev.top],
             )
         )
     if isinstance(ev, PassagesEvent):
@@ -79,3 +86,22 @@ def event_to_pb(ev: Event) -> pb.GenerateResponse:
             )
         )
     raise TypeError(f"unknown engine event {type(ev).__name__}")
+
+
+def mixture_score_to_pb(m: MixtureScore) -> pb.MixtureScore:
+    return pb.MixtureScore(
+        logprob=float(m.logprob),
+        token_logprobs=m.token_logprobs.tolist(),
+        posterior=m.posterior.tolist(),
+        responsibilities=m.responsibilities.ravel().tolist(),
+    )
+
+
+def score_to_pb(passages: list[RetrievedPassage], result: ScoreResult) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        passages=[passage_to_pb(p) for p in passages],
+        answer_token_ids=result.answer_ids,
+        token=mixture_score_to_pb(result.token),
+        sequence=mixture_score_to_pb(result.sequence),
+        concat=mixture_score_to_pb(result.concat),
+    )

@@ -40,11 +40,10 @@ class RagServicer(pb_grpc.RagServiceServicer):
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Score is not served by this version yet; Generate, Retrieve and GetInfo are.",
+        passages, result = await self.engine.score(
+            convert.retrieval_from_pb(request), request.answer
         )
-        raise AssertionError("unreachable")
+        return convert.score_to_pb(passages, result)
 
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
