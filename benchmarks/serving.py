@@ -1,0 +1,559 @@
+"""Serving benchmarks (issue 4), each a ratio measured inside one run:
+
+a) time to first token, cold vs warm passage prefix cache: the same questions twice, sequentially,
+   against a `ragmix serve` subprocess over the default models;
+b) aggregate generated tokens/s at 1, 4 and 16 concurrent streams (the load generator, in-process,
+   against the same server, warm cache), and the step time against the batch's arithmetic at a
+   measured numpy float32 GEMM rate;
+c) per-token decode speed of ragmix's engine (K rows) against the same RAG-Token loop written with
+   Hugging Face transformers in PyTorch (benchmarks/hf_loop.py), both loaded in this process, same
+   passages, same prompt token ids, greedy answers compared.
+
+    python benchmarks/serving.py                       # full run (~10 min on 2 cores)
+    python benchmarks/serving.py --questions 8 --max-new-tokens 24 --decode-questions 2
+
+Results: benchmarks/results/serving.json (written to a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+# SmolLM2-135M: weights that take part in a matmul per token (30 layers of attention + MLP
+# projections, plus the tied 576 x 49152 output head); see shared/notes/model-export-facts.md.
+LAYERS, HIDDEN, KV_DIM, FFN, VOCAB = 30, 576, 192, 1536, 49152
+MATMUL_PARAMS = (
+    LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_DIM + 3 * HIDDEN * FFN) + HIDDEN * VOCAB
+)
+
+
+# ------------------------------------------------------------------------------------- shared helpers
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor(),
+        "shared": "the 2 cores were shared with other jobs running at the same time",
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0]
+        info["mem_total"] = mem.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    for mod in ("numpy", "onnxruntime", "torch", "transformers", "grpc"):
+        with contextlib.suppress(Exception):  # a missing package is just not reported
+            info[mod] = __import__(mod).__version__
+    return info
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+class Server:
+    """`ragmix serve --port 0` in a subprocess; the address comes from its 'serving on' line."""
+
+    def __init__(self, args: list[str], log: Path, timeout: float = 600.0) -> None:
+        self.log = log
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._f = open(log, "w")  # noqa: SIM115 - the server writes to it for its whole life
+        cmd = [sys.executable, "-m", "ragmix.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+        self.proc = subprocess.Popen(
+            [*cmd, *args], stdout=self._f, stderr=subprocess.STDOUT, env=env
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"ragmix serving on ([\d.]+):(\d+)", log.read_text())
+            if m:
+                self.target = f"{m[1]}:{m[2]}"
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()}")
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout:g} s; log: {log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._f.close()
+
+
+def grpc_ask(stub: Any, pb: Any, question: str, top_k: int, max_new_tokens: int) -> dict[str, Any]:
+    """One Generate call over gRPC, timed by the client: TTFT, token times, ids, usage."""
+    req = pb.GenerateRequest(
+        query=question,
+        top_k=top_k,
+        mixture=1,
+        decoding=pb.DecodingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+    )
+    t0 = time.perf_counter()
+    times: list[float] = []
+    ids: list[int] = []
+    out: dict[str, Any] = {"question": question}
+    for msg in stub.Generate(req, timeout=300):
+        kind = msg.WhichOneof("event")
+        if kind == "passages":
+            out["passage_ids"] = [p.id for p in msg.passages.passages]
+        elif kind == "token":
+            times.append(time.perf_counter() - t0)
+            ids.append(msg.token.id)
+        elif kind == "done":
+            d = msg.done
+            out["text"] = d.text
+            out["usage"] = {
+                "prompt_tokens": d.usage.prompt_tokens,
+                "cached_prompt_tokens": d.usage.cached_prompt_tokens,
+                "generated_tokens": d.usage.generated_tokens,
+            }
+            out["server_timings_ms"] = {
+                "retrieval": d.timings.retrieval_ms,
+                "queue": d.timings.queue_ms,
+                "prefill": d.timings.prefill_ms,
+                "first_token": d.timings.first_token_ms,
+                "total": d.timings.total_ms,
+            }
+    out["total_s"] = time.perf_counter() - t0
+    out.update(_token_stats(times))
+    out["tokens"] = ids
+    return out
+
+
+def _token_stats(times: list[float]) -> dict[str, Any]:
+    """TTFT and the decode rate after the first token, from token arrival times (s from send)."""
+    n = len(times)
+    rate = (n - 1) / (times[-1] - times[0]) if n > 1 and times[-1] > times[0] else None
+    return {"ttft_s": times[0] if times else None, "decode_tokens_per_s": rate}
+
+
+def grpc_stub(target: str) -> tuple[Any, Any, Any]:
+    import grpc
+
+    from ragmix_client._proto import ragmix_pb2 as pb
+    from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(target)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    return channel, pb_grpc.RagServiceStub(channel), pb
+
+
+def load_engine(passage_cache_bytes: int | None = None) -> Any:
+    """ragmix's engine in this process over the default bundles, started."""
+    from ragmix.config import ServerConfig
+    from ragmix.engine.loader import load_engine as _load
+
+    cfg = (
+        ServerConfig()
+        if passage_cache_bytes is None
+        else ServerConfig(passage_cache_bytes=passage_cache_bytes)
+    )
+    engine = _load(cfg)
+    engine.start()
+    return engine
+
+
+async def engine_ask(
+    engine: Any, question: str, top_k: int, max_new_tokens: int, top_n: int = 2
+) -> dict[str, Any]:
+    """One generation through the engine's asyncio API (no gRPC), timed the same way as grpc_ask."""
+    from ragmix.engine.outputs import DoneEvent, PassagesEvent, TokenEvent
+    from ragmix.engine.params import DecodingParams, Mixture, RetrievalParams
+
+    t0 = time.perf_counter()
+    times: list[float] = []
+    ids: list[int] = []
+    top: list[list[tuple[int, float]]] = []
+    out: dict[str, Any] = {"question": question}
+    async for ev in engine.generate(
+        RetrievalParams(question, top_k=top_k),
+        DecodingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_n=top_n),
+        Mixture.TOKEN,
+    ):
+        if isinstance(ev, PassagesEvent):
+            out["passages"] = ev.passages
+            out["passage_ids"] = [p.id for p in ev.passages]
+        elif isinstance(ev, TokenEvent):
+            times.append(time.perf_counter() - t0)
+            ids.append(ev.id)
+            top.append(ev.top)
+        elif isinstance(ev, DoneEvent):
+            out["text"] = ev.text
+            out["usage"] = {
+                "prompt_tokens": ev.usage.prompt_tokens,
+                "cached_prompt_tokens": ev.usage.cached_prompt_tokens,
+                "generated_tokens": ev.usage.generated_tokens,
+            }
+            out["server_timings_ms"] = {
+                "retrieval": ev.timings.retrieval_ms,
+                "queue": ev.timings.queue_ms,
+                "prefill": ev.timings.prefill_ms,
+                "first_token": ev.timings.first_token_ms,
+                "total": ev.timings.total_ms,
+            }
+    out["total_s"] = time.perf_counter() - t0
+    out.update(_token_stats(times))
+    out["tokens"] = ids
+    out["top"] = top
+    return out
+
+
+def engine_prompts(engine: Any, passages: list[Any], question: str, max_new_tokens: int):
+    """The exact prompt token ids and prior the engine built for these passages."""
+    from ragmix.engine.params import Mixture
+
+    prompts, _ = engine._prompts(passages, question, Mixture.TOKEN, max_new_tokens)
+    return [p.ids for p in prompts], [p.prior for p in passages]
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def hf_run(model: Any, engine: Any, ragmix_run: dict[str, Any], max_new_tokens: int):
+    """The HF loop on the passages and prompt ids of a ragmix run; compares the greedy answers."""
+    import hf_loop
+
+    gen = engine.generator
+    prompts, prior = engine_prompts(
+        engine, ragmix_run["passages"], ragmix_run["question"], max_new_tokens
+    )
+    res = hf_loop.rag_token_greedy(
+        model, prompts, prior, max_new_tokens, sorted(gen.eos_token_ids), gen.pad_token_id
+    )
+    cmp: dict[str, Any] = {"same_answer": res.tokens == ragmix_run["tokens"]}
+    pos = first_difference(res.tokens, ragmix_run["tokens"])
+    if pos is not None:
+        cmp["first_difference"] = pos
+        if pos < len(res.top2):
+            b, vb, r, vr = res.top2[pos]
+            cmp["hf_top2_at_difference"] = {"ids": [b, r], "gap": vb - vr}
+        if pos < len(ragmix_run.get("top", [])) and len(ragmix_run["top"][pos]) >= 2:
+            (b, vb), (r, vr) = ragmix_run["top"][pos][:2]
+            cmp["ragmix_top2_at_difference"] = {"ids": [b, r], "gap": vb - vr}
+    return res, cmp
+
+
+# ------------------------------------------------------------------------------------- parts
+
+
+def matmul_rate(rows: int, seconds: float = 2.0) -> dict[str, Any]:
+    """numpy float32 GEMM rate, at BLAS's thread count (= the cores, as onnxruntime's threads=0)."""
+    import numpy as np
+
+    def rate(m: int, k: int, n: int) -> float:
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((m, k), dtype=np.float32)  # m x k
+        b = rng.standard_normal((k, n), dtype=np.float32)  # k x n
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while (el := time.perf_counter() - t0) < seconds:
+            a @ b
+            reps += 1
+        return 2.0 * m * k * n * reps / el / 1e9
+
+    try:
+        from threadpoolctl import threadpool_info
+
+        threads = [i.get("num_threads") for i in threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        threads = []
+    return {
+        "blas_threads": threads,
+        "gflops_square_1024": rate(1024, 1024, 1024),
+        f"gflops_decode_shape_{rows}x{HIDDEN}x{FFN}": rate(rows, HIDDEN, FFN),
+    }
+
+
+def part_ttft(stub: Any, pb: Any, questions: list[str], top_k: int, max_new: int) -> dict[str, Any]:
+    passes = {}
+    for name in ("cold", "warm"):
+        runs = []
+        for q in questions:
+            r = grpc_ask(stub, pb, q, top_k, max_new)
+            runs.append(r)
+            print(
+                f"  {name:4s} ttft {1e3 * r['ttft_s']:7.0f} ms  cached "
+                f"{r['usage']['cached_prompt_tokens']:4d}/{r['usage']['prompt_tokens']:4d}  {q}"
+            )
+        passes[name] = runs
+    cold = [r["ttft_s"] for r in passes["cold"]]
+    warm = [r["ttft_s"] for r in passes["warm"]]
+    out = {
+        "median_ttft_ms": {"cold": 1e3 * median(cold), "warm": 1e3 * median(warm)},
+        "ratio_cold_over_warm": median(cold) / median(warm),
+        "goal_ratio": 8.0,
+        "cached_prompt_tokens": {
+            p: sum(r["usage"]["cached_prompt_tokens"] for r in passes[p]) for p in passes
+        },
+        "prompt_tokens": {p: sum(r["usage"]["prompt_tokens"] for r in passes[p]) for p in passes},
+        "same_answers_cold_vs_warm": sum(
+            a["tokens"] == b["tokens"] for a, b in zip(passes["cold"], passes["warm"], strict=True)
+        ),
+        "runs": {
+            p: [{k: v for k, v in r.items() if k != "tokens"} for r in runs]
+            for p, runs in passes.items()
+        },
+    }
+    print(
+        f"TTFT median cold {out['median_ttft_ms']['cold']:.0f} ms, warm "
+        f"{out['median_ttft_ms']['warm']:.0f} ms: {out['ratio_cold_over_warm']:.1f}x (goal >= 8x); "
+        f"warm pass cached {out['cached_prompt_tokens']['warm']}/{out['prompt_tokens']['warm']} "
+        "prompt tokens"
+    )
+    return out
+
+
+def part_throughput(
+    target: str,
+    questions: list[str],
+    top_k: int,
+    max_new: int,
+    levels: list[int],
+    requests_per_stream: int,
+    min_requests: int,
+    prompt_tokens_per_row: float,
+) -> dict[str, Any]:
+    from ragmix.bench.loadgen import LoadSpec, run_load
+
+    out: dict[str, Any] = {"levels": {}}
+    for c in levels:
+        n = max(c * requests_per_stream, min_requests)
+        spec = LoadSpec(
+            target=target,
+            concurrency=(c,),
+            requests=n,
+            questions=tuple(questions),
+            top_k=top_k,
+            max_new_tokens=max_new,
+            timeout_s=600,
+        )
+        _, results = asyncio.run(run_load(spec, progress=False))
+        s = results[0].summary()
+        out["levels"][str(c)] = s
+        print(
+            f"  c={c:2d}: {s['ok']}/{s['requests']} ok, {s['tokens_per_s']:.1f} tokens/s, "
+            f"itl p50 {s['itl_ms']['p50']:.0f} ms, ttft p50 {s['ttft_ms']['p50']:.0f} ms"
+        )
+    t1 = out["levels"][str(levels[0])]["tokens_per_s"]
+    tn = out["levels"][str(levels[-1])]["tokens_per_s"]
+    out[f"ratio_{levels[-1]}_over_{levels[0]}"] = tn / t1
+    out["goal_ratio"] = 2.5
+
+    rate = matmul_rate(top_k * levels[-1])
+    out["matmul"] = rate
+    gflops = rate["gflops_square_1024"]
+    out["matmul_params"] = MATMUL_PARAMS
+    arith = {}
+    for c in levels:
+        rows = top_k * c
+        past = prompt_tokens_per_row + max_new / 2
+        weights_ms = 2.0 * MATMUL_PARAMS * rows / (gflops * 1e9) * 1e3
+        attn_ms = 4.0 * LAYERS * HIDDEN * past * rows / (gflops * 1e9) * 1e3
+        step_ms = out["levels"][str(c)]["itl_ms"]["p50"]
+        arith[str(c)] = {
+            "rows": rows,
+            "weights_arith_ms": weights_ms,
+            "attention_arith_ms": attn_ms,
+            "measured_step_ms_itl_p50": step_ms,
+            "ratio_measured_over_weights_arith": step_ms / weights_ms,
+            "ratio_measured_over_all_arith": step_ms / (weights_ms + attn_ms),
+        }
+    out["step_vs_arithmetic"] = arith
+    out["goal_step_over_arith"] = 1.5
+    print(
+        f"tokens/s {levels[-1]} vs {levels[0]} streams: {tn / t1:.2f}x (goal >= 2.5x); "
+        f"GEMM {gflops:.1f} GFLOP/s (square 1024, BLAS threads {rate['blas_threads']})"
+    )
+    for c, a in arith.items():
+        print(
+            f"  c={c:>2s} rows {a['rows']:3d}: step {a['measured_step_ms_itl_p50']:.0f} ms vs "
+            f"arithmetic {a['weights_arith_ms']:.0f} ms (+attention {a['attention_arith_ms']:.0f}) "
+            f"= {a['ratio_measured_over_weights_arith']:.2f}x / "
+            f"{a['ratio_measured_over_all_arith']:.2f}x"
+        )
+    return out
+
+
+def part_decode(questions: list[str], top_k: int, max_new: int, threads: int) -> dict[str, Any]:
+    import hf_loop
+
+    engine = load_engine()
+    try:
+        model = hf_loop.load_model(threads)
+        rows = []
+        for q in questions:
+            r = asyncio.run(engine_ask(engine, q, top_k, max_new))
+            h, cmp = hf_run(model, engine, r, max_new)
+            rows.append(
+                {
+                    "question": q,
+                    "ragmix_decode_tokens_per_s": r["decode_tokens_per_s"],
+                    "ragmix_tokens": len(r["tokens"]),
+                    "hf_decode_tokens_per_s": h.decode_tokens_per_s,
+                    "hf_tokens": len(h.tokens),
+                    "hf_prefill_s": h.prefill_s,
+                    "ragmix_ttft_s": r["ttft_s"],
+                    **cmp,
+                }
+            )
+            print(
+                f"  ragmix {r['decode_tokens_per_s']:.1f} tok/s ({len(r['tokens'])} tokens), "
+                f"HF {h.decode_tokens_per_s:.1f} tok/s ({len(h.tokens)}), same answer "
+                f"{cmp['same_answer']}  {q}"
+            )
+    finally:
+        engine.shutdown()
+    rm = [x["ragmix_decode_tokens_per_s"] for x in rows if x["ragmix_decode_tokens_per_s"]]
+    hm = [x["hf_decode_tokens_per_s"] for x in rows if x["hf_decode_tokens_per_s"]]
+    out = {
+        "k": top_k,
+        "ragmix_decode_tokens_per_s_median": median(rm),
+        "hf_decode_tokens_per_s_median": median(hm),
+        "ratio": median(rm) / median(hm),
+        "goal_ratio": 3.0,
+        "ragmix_step_ms": 1e3 / median(rm),
+        "hf_step_ms": 1e3 / median(hm),
+        "same_answers": sum(x["same_answer"] for x in rows),
+        "questions": len(rows),
+        "runs": rows,
+    }
+    print(
+        f"decode: ragmix {out['ragmix_decode_tokens_per_s_median']:.1f} tok/s "
+        f"({out['ragmix_step_ms']:.0f} ms/step), HF {out['hf_decode_tokens_per_s_median']:.1f} "
+        f"tok/s ({out['hf_step_ms']:.0f} ms/step): {out['ratio']:.2f}x (goal >= 3x); same answers "
+        f"{out['same_answers']}/{out['questions']}"
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--questions", type=int, default=20, help="built-in questions for a) and b)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=5, help="passages (rows) per question")
+    p.add_argument("--concurrency", default="1,4,16", help="stream counts for b)")
+    p.add_argument("--requests-per-stream", type=int, default=2, help="b): requests = c * this")
+    p.add_argument("--min-requests", type=int, default=6, help="b): at least this many per level")
+    p.add_argument("--decode-questions", type=int, default=3, help="questions for c)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in c)")
+    p.add_argument("--parts", default="a,b,c", help="which parts to run")
+    p.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    sys.path.insert(0, str(HERE))
+
+    from ragmix.bench.loadgen import BUILTIN_QUESTIONS
+
+    questions = list(BUILTIN_QUESTIONS[: args.questions])
+    levels = [int(x) for x in args.concurrency.split(",")]
+    parts = set(args.parts.split(","))
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "params": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    t_start = time.perf_counter()
+    if parts & {"a", "b"}:
+        rows = args.top_k * max(levels)
+        server_args = [
+            "--max-batch-rows",
+            str(max(64, rows)),
+            "--max-concurrent-requests",
+            str(max(16, max(levels))),
+        ]
+        report["server_args"] = server_args
+        with tempfile.TemporaryDirectory() as tmp:
+            server = Server(server_args, Path(tmp) / "server.log")
+            try:
+                channel, stub, pb = grpc_stub(server.target)
+                print(
+                    f"server on {server.target}; a) TTFT cold vs warm, {len(questions)} questions"
+                )
+                if "a" in parts:
+                    report["ttft"] = part_ttft(stub, pb, questions, args.top_k, args.max_new_tokens)
+                    per_row = report["ttft"]["prompt_tokens"]["warm"] / (
+                        len(questions) * args.top_k
+                    )
+                else:
+                    per_row = 330.0
+                channel.close()
+                if "b" in parts:
+                    print(f"b) throughput at {levels} streams (warm cache)")
+                    report["throughput"] = part_throughput(
+                        server.target,
+                        questions,
+                        args.top_k,
+                        args.max_new_tokens,
+                        levels,
+                        args.requests_per_stream,
+                        args.min_requests,
+                        per_row,
+                    )
+            finally:
+                server.stop()
+        write_json(args.out, report)
+    if "c" in parts:
+        print(f"c) decode: ragmix engine vs HF loop, K={args.top_k}, {args.decode_questions} q")
+        report["decode"] = part_decode(
+            list(BUILTIN_QUESTIONS[: args.decode_questions]),
+            args.top_k,
+            args.max_new_tokens,
+            args.threads,
+        )
+    report["elapsed_s"] = time.perf_counter() - t_start
+    write_json(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
