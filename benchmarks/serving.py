@@ -144,24 +144,31 @@ def grpc_ask(stub: Any, pb: Any, question: str, top_k: int, max_new_tokens: int)
             times.append(time.perf_counter() - t0)
             ids.append(msg.token.id)
         elif kind == "done":
-            d = msg.done
-            out["text"] = d.text
-            out["usage"] = {
-                "prompt_tokens": d.usage.prompt_tokens,
-                "cached_prompt_tokens": d.usage.cached_prompt_tokens,
-                "generated_tokens": d.usage.generated_tokens,
-            }
-            out["server_timings_ms"] = {
-                "retrieval": d.timings.retrieval_ms,
-                "queue": d.timings.queue_ms,
-                "prefill": d.timings.prefill_ms,
-                "first_token": d.timings.first_token_ms,
-                "total": d.timings.total_ms,
-            }
+            out.update(_done_fields(msg.done))
     out["total_s"] = time.perf_counter() - t0
     out.update(_token_stats(times))
     out["tokens"] = ids
     return out
+
+
+def _done_fields(d: Any) -> dict[str, Any]:
+    """Text, usage and server timings of a done event (the proto and the engine's share names)."""
+    u, t = d.usage, d.timings
+    return {
+        "text": d.text,
+        "usage": {
+            "prompt_tokens": u.prompt_tokens,
+            "cached_prompt_tokens": u.cached_prompt_tokens,
+            "generated_tokens": u.generated_tokens,
+        },
+        "server_timings_ms": {
+            "retrieval": t.retrieval_ms,
+            "queue": t.queue_ms,
+            "prefill": t.prefill_ms,
+            "first_token": t.first_token_ms,
+            "total": t.total_ms,
+        },
+    }
 
 
 def _token_stats(times: list[float]) -> dict[str, Any]:
@@ -222,19 +229,7 @@ async def engine_ask(
             ids.append(ev.id)
             top.append(ev.top)
         elif isinstance(ev, DoneEvent):
-            out["text"] = ev.text
-            out["usage"] = {
-                "prompt_tokens": ev.usage.prompt_tokens,
-                "cached_prompt_tokens": ev.usage.cached_prompt_tokens,
-                "generated_tokens": ev.usage.generated_tokens,
-            }
-            out["server_timings_ms"] = {
-                "retrieval": ev.timings.retrieval_ms,
-                "queue": ev.timings.queue_ms,
-                "prefill": ev.timings.prefill_ms,
-                "first_token": ev.timings.first_token_ms,
-                "total": ev.timings.total_ms,
-            }
+            out.update(_done_fields(ev))
     out["total_s"] = time.perf_counter() - t0
     out.update(_token_stats(times))
     out["tokens"] = ids
