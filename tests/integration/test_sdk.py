@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -138,6 +139,8 @@ def test_sdk_installs_alone_and_works_from_a_fresh_virtualenv(tiny_server, tmp_p
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
+    # Nothing from this interpreter's path may leak in: the venv must stand on its own.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     src = tmp_path / "client"  # a copy: the build leaves no files in the repository
     shutil.copytree(
         ROOT / "client", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
@@ -147,12 +150,13 @@ def test_sdk_installs_alone_and_works_from_a_fresh_virtualenv(tiny_server, tmp_p
         capture_output=True,
         text=True,
         timeout=900,
+        env=env,
     )
     assert r.returncode == 0, r.stderr
     script = tmp_path / "use_sdk.py"
     script.write_text(SDK_SCRIPT)
     r = subprocess.run(
-        [py, str(script), tiny_server.target], capture_output=True, text=True, timeout=600
+        [py, str(script), tiny_server.target], capture_output=True, text=True, timeout=600, env=env
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
