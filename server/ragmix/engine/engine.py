@@ -394,6 +394,7 @@ class Engine:
         self._drop_cancelled()
         new = self._admit()
         if not (new or self._running):
+            self.observer.on_queue(len(self._waiting), 0, self._batch.rows)
             return
 
         logits = []

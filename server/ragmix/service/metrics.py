@@ -203,13 +203,16 @@ def _rpc_name(method: str, service: str) -> str:
     return name if svc == service else f"{svc}/{name}"
 
 
-def _final_code(err: BaseException | None, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _final_code(
+    err: BaseException | None, context: grpc.aio.ServicerContext, deadline: float | None
+) -> grpc.StatusCode:
     import asyncio
 
     if isinstance(err, asyncio.CancelledError):
-        # The server cancels the handler when the client cancels or its deadline passes.
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        # The server cancels the handler when the client cancels or its deadline passes. The call
+        # object may already be gone then: touching the context here crashed the process (seen
+        # with grpcio 1.85), so the deadline was read when the RPC began.
+        if deadline is not None and time.monotonic() >= deadline:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     code = context.code()
@@ -240,18 +243,26 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         ours = details.method.startswith(f"/{self.service}/")
         rid = _request_id(details.invocation_metadata)
 
-        def begin(context: grpc.aio.ServicerContext) -> float:
+        def begin(context: grpc.aio.ServicerContext) -> tuple[float, str, float | None]:
+            """Start time, peer and deadline, read while the call is certainly alive."""
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             REQUEST_ID.set(rid)
             if ours:
                 self.in_flight += 1
                 if self.metrics is not None:
                     self.metrics.in_flight.inc()
-            return time.perf_counter()
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            return time.perf_counter(), context.peer(), deadline
 
-        def end(t0: float, err: BaseException | None, context: grpc.aio.ServicerContext) -> None:
+        def end(
+            start: tuple[float, str, float | None],
+            err: BaseException | None,
+            context: grpc.aio.ServicerContext,
+        ) -> None:
+            t0, peer, deadline = start
             seconds = time.perf_counter() - t0
-            code = _final_code(err, context).name
+            code = _final_code(err, context, deadline).name
             if ours:
                 self.in_flight -= 1
             if self.metrics is not None:
@@ -264,7 +275,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 "rpc": rpc,
                 "code": code,
                 "ms": round(seconds * 1e3, 1),
-                "peer": context.peer(),
+                "peer": peer,
             }
             ACCESS_LOG.log(
                 logging.INFO if ours else logging.DEBUG,
