@@ -83,3 +83,54 @@ def test_health_and_ask_cli(default_server):
     )
     assert out.returncode == 0, out.stderr
     assert "yield:" in out.stdout
+
+
+def test_score_invariants_on_the_default_models(stub):
+    # Greedy TOKEN answer, then Score of exactly that text with the same passages.
+    events = list(
+        stub.Generate(
+            pb.GenerateRequest(
+                query=QUESTION, top_k=3, decoding=pb.DecodingParams(max_new_tokens=24)
+            ),
+            timeout=600,
+        )
+    )
+    ids = [p.id for p in events[0].passages.passages]
+    tokens = [e.token for e in events[1:-1] if e.token.id != 2]  # <|im_end|> is not in the text
+    done = events[-1].done
+    r = stub.Score(pb.ScoreRequest(query=QUESTION, answer=done.text, passage_ids=ids), timeout=600)
+    assert list(r.answer_token_ids) == [t.id for t in tokens]
+    for scored, streamed in zip(r.token.token_logprobs, tokens):
+        assert abs(scored - streamed.logprob) <= 1e-3
+    for scored, streamed in zip(
+        [r.token.responsibilities[i * 3 : i * 3 + 3] for i in range(len(tokens))], tokens
+    ):
+        assert max(abs(a - b) for a, b in zip(scored, streamed.responsibilities)) <= 1e-3
+    for m in (r.token, r.sequence):
+        assert abs(sum(m.posterior) - 1) <= 1e-5
+        assert abs(sum(m.token_logprobs) - m.logprob) <= 1e-3
+    # With one passage the two mixtures are the same model.
+    one = stub.Score(pb.ScoreRequest(query=QUESTION, answer=done.text, top_k=1), timeout=600)
+    assert abs(one.token.logprob - one.sequence.logprob) <= 1e-4
+
+
+@pytest.mark.parametrize("mixture", [pb.MIXTURE_SEQUENCE, pb.MIXTURE_CONCAT])
+def test_other_mixtures_answer_on_the_default_models(stub, mixture):
+    events = list(
+        stub.Generate(
+            pb.GenerateRequest(
+                query=QUESTION,
+                top_k=3,
+                mixture=mixture,
+                decoding=pb.DecodingParams(max_new_tokens=24, num_beams=2),
+            ),
+            timeout=900,
+        )
+    )
+    tokens = [e.token for e in events[1:-1]]
+    done = events[-1].done
+    assert done.text.strip() and "".join(t.text for t in tokens) == done.text
+    if mixture == pb.MIXTURE_SEQUENCE:
+        assert abs(sum(done.posterior) - 1) <= 1e-5
+        for t in tokens:
+            assert abs(sum(t.responsibilities) - 1) <= 1e-5
