@@ -53,6 +53,10 @@ class ServerConfig:
     max_batch_rows: int = field(
         default=64, metadata={"help": "passage rows in the running batch (K per request)"}
     )
+    max_batch_tokens: int = field(
+        default=1 << 16,
+        metadata={"help": "KV cache slots (rows x length) the running batch may reach"},
+    )
     passage_cache_bytes: int = field(
         default=1 << 30,
         metadata={"help": "byte budget of the passage prefix KV cache (0 = off)"},
@@ -89,6 +93,7 @@ class ServerConfig:
             "max_query_chars",
             "max_concurrent_requests",
             "max_batch_rows",
+            "max_batch_tokens",
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -285,3 +285,31 @@ def test_top_n_alternatives_lead_with_the_greedy_token(engine):
         assert t.top[0][0] == t.id
         np.testing.assert_allclose(t.top[0][2], t.logprob, atol=1e-6)
         assert t.top[0][2] >= t.top[1][2] >= t.top[2][2]
+
+
+def test_kv_budget_holds_back_admission_and_refuses_what_cannot_fit(parts):
+    from ragmix.engine.observer import EngineObserver
+
+    class Rows(EngineObserver):
+        peak = 0
+
+        def on_step(self, rows, requests, seconds):
+            Rows.peak = max(Rows.peak, rows)
+
+    # Room for one 2-row request of ~300-token prompts and 8 new tokens, not for two at once.
+    e = make_engine(parts, max_batch_tokens=1000)
+    e.observer = Rows()
+    try:
+
+        async def both():
+            return await asyncio.gather(
+                collect(e, QUESTIONS[0], k=2, n=8), collect(e, QUESTIONS[1], k=2, n=8)
+            )
+
+        a, b = asyncio.run(both())
+        assert a[-1].usage.generated_tokens and b[-1].usage.generated_tokens
+        assert Rows.peak == 2
+        with pytest.raises(ValidationError, match="max-batch-tokens"):
+            asyncio.run(collect(e, QUESTIONS[0], k=4, n=8))
+    finally:
+        e.shutdown()

@@ -54,6 +54,7 @@ class EngineConfig:
     max_batch_rows: int = 64  # passage rows in the running batch
     max_prefill_rows: int = 32  # rows prefilled in one step (bounds a step's latency and memory)
     passage_cache_bytes: int = 1 << 30  # passage prefix KV cache budget; 0 = off
+    max_batch_tokens: int = 1 << 16  # KV slots (rows x length) the running batch may reach
 
 
 class Engine:
@@ -325,6 +326,13 @@ class Engine:
                 log_prior = np.log(np.array([p.prior for p in passages], np.float64))
             log_prior = log_prior.astype(np.float32)
         longest = max(len(p.ids) for p in prompts)
+        if len(prompts) * (longest + max_new_tokens) > self.config.max_batch_tokens:
+            raise ValidationError(
+                "max_new_tokens",
+                f"{len(prompts)} passage rows x ({longest} prompt + {max_new_tokens} new tokens) "
+                f"exceeds the server's KV budget of {self.config.max_batch_tokens} token slots "
+                "(--max-batch-tokens); ask for fewer tokens or fewer passages.",
+            )
         if longest + max_new_tokens > self.generator.max_positions:
             raise ValidationError(
                 "max_new_tokens",
@@ -339,6 +347,10 @@ class Engine:
         cfg = self.config
         admitted: list[Request] = []
         rows = self._batch.rows
+        # The batch's KV is rows x length and every step adds a slot to every row: admit only
+        # what keeps the worst case (all rows until the longest request ends) within budget.
+        length = self._batch.length
+        steps = max((r.remaining_tokens for r in self._running), default=0)
         with self._cv:
             while self._waiting:
                 r = self._waiting[0]
@@ -346,13 +358,20 @@ class Engine:
                     self._waiting.popleft()
                     continue
                 new_rows = sum(a.rows for a in admitted) + r.rows
+                new_length = max(length, r.max_prompt_tokens)
+                new_steps = max(steps, r.remaining_tokens)
                 if (
                     len(self._running) + len(admitted) >= cfg.max_concurrent_requests
                     or rows + new_rows > cfg.max_batch_rows
                     or (admitted and new_rows > cfg.max_prefill_rows)
+                    or (
+                        (rows or admitted)
+                        and (rows + new_rows) * (new_length + new_steps) > cfg.max_batch_tokens
+                    )
                 ):
                     break
                 admitted.append(self._waiting.popleft())
+                length, steps = new_length, new_steps
         return admitted
 
     # ----------------------------------------------------------------- the token loop

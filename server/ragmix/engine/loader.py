@@ -32,6 +32,7 @@ def engine_config(config: ServerConfig) -> EngineConfig:
         max_queued_requests=config.max_queued_requests,
         max_batch_rows=config.max_batch_rows,
         passage_cache_bytes=config.passage_cache_bytes,
+        max_batch_tokens=config.max_batch_tokens,
     )
 
 

@@ -61,6 +61,14 @@ class Request:
         return len(self.prompts)
 
     @property
+    def max_prompt_tokens(self) -> int:
+        return max(len(p.ids) for p in self.prompts)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.decoding.max_new_tokens - len(self.tokens)
+
+    @property
     def prompt_tokens(self) -> int:
         return sum(len(p.ids) for p in self.prompts)
 
