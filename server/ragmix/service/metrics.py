@@ -208,7 +208,9 @@ def _final_code(
 ) -> grpc.StatusCode:
     import asyncio
 
-    if isinstance(err, asyncio.CancelledError):
+    # grpc.aio ends a handler whose client went away by cancelling its task, or, for a response
+    # stream, by closing the generator (GeneratorExit): both mean cancelled or deadline passed.
+    if isinstance(err, asyncio.CancelledError | GeneratorExit):
         # The server cancels the handler when the client cancels or its deadline passes. The call
         # object may already be gone then: touching the context here crashed the process (seen
         # with grpcio 1.85), so the deadline was read when the RPC began.
