@@ -94,7 +94,7 @@ def export_generator(
     if not hasattr(tokenizer, "backend_tokenizer"):
         raise BundleError(f"{src}: no fast (tokenizers library) tokenizer could be built.")
     model = AutoModelForCausalLM.from_pretrained(
-        src, dtype=torch.float32, attn_implementation="eager", **load_kw
+        src, dtype=torch.float32, attn_implementation=_attention_for(config), **load_kw
     )
     model.eval()
     LOG.info("loaded %s in %.1f s", src, time.perf_counter() - started)
@@ -316,6 +316,51 @@ def _check_onnx(
         rel = float(np.abs(g - e).max() / max(np.abs(e).max(), 1e-12))
         if rel > 1e-3:
             raise BundleError(f"exported {n} differs from PyTorch: relative error {rel:.2e}.")
+
+
+GROUPED_ATTENTION = "ragmix_grouped"
+
+
+def _attention_for(config: Any) -> str:
+    """Grouped-query attention without repeat_kv for the families whose attention supports it.
+
+    transformers' eager attention expands each KV head to its query heads (repeat_kv) before the
+    matmul; traced into ONNX that copies the whole KV cache num_groups times at every decode step,
+    which dominated the step once the batch held many rows. Grouping the query heads instead reads
+    each KV head once. GPT-2 has no grouped heads and keeps eager attention.
+    """
+    if config.model_type == "gpt2":
+        return "eager"
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_ATTENTION, _grouped_attention)
+    return GROUPED_ATTENTION
+
+
+def _grouped_attention(
+    module: Any,
+    query: Any,  # batch x heads x new x head_dim
+    key: Any,  # batch x kv_heads x total x head_dim
+    value: Any,  # batch x kv_heads x total x head_dim
+    attention_mask: Any,  # batch x 1 x new x total (additive)
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    import torch
+
+    b, h, s, d = query.shape
+    kvh = key.shape[1]
+    g = h // kvh  # query heads per KV head; head i uses KV head i // g, as repeat_kv does
+    q = query.reshape(b, kvh, g * s, d)  # batch x kv_heads x (groups*new) x head_dim
+    w = torch.matmul(q, key.transpose(2, 3)) * scaling  # batch x kv_heads x (groups*new) x total
+    if attention_mask is not None:
+        t = key.shape[2]
+        w = w.reshape(b, kvh, g, s, t) + attention_mask[:, :, None, :, :t]  # broadcast groups
+        w = w.reshape(b, kvh, g * s, t)
+    p = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(p, value)  # batch x kv_heads x (groups*new) x head_dim
+    return out.reshape(b, h, s, d).transpose(1, 2).contiguous(), None  # batch x new x heads x hd
 
 
 def _wrapper_class() -> type:
