@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ragmix.engine.detokenize import IncrementalDetokenizer, StopMatcher
@@ -10,12 +10,19 @@ from ragmix.engine.detokenize import IncrementalDetokenizer, StopMatcher
 ALPHABET = st.sampled_from(list("ab c\n"))
 
 
-def first_stop_cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+def first_stop_cut(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
+    """Streaming semantics (as vLLM): stop at the first piece after which any stop string has
+    appeared, cutting at the earliest start among the stop strings present by then."""
+    for i in range(len(pieces)):
+        text = "".join(pieces[: i + 1])
+        hits = [j for j in (text.find(s) for s in stops) if j >= 0]
+        if hits:
+            return text[: min(hits)], True
+    return "".join(pieces), False
 
 
 @settings(max_examples=300, deadline=None)
+@example(pieces=[" c", "b"], stops=["c", " cb"])  # "c" completes first, though " cb" starts earlier
 @given(
     pieces=st.lists(st.text(ALPHABET, max_size=4), max_size=12),
     stops=st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3),
@@ -30,7 +37,7 @@ def test_stop_matcher_cuts_at_first_stop_across_piece_boundaries(pieces, stops):
             break
     if not stopped:
         out.append(m.flush())
-    expected, expected_stop = first_stop_cut("".join(pieces), stops)
+    expected, expected_stop = first_stop_cut(pieces, stops)
     assert "".join(out) == expected
     assert stopped == expected_stop
 

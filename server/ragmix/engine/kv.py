@@ -1,9 +1,13 @@
-"""The KV cache of the running batch: rows of different lengths in one padded tensor per layer.
+"""The KV cache of the running batch: rows of different lengths in one padded buffer per layer.
 
-Layout: every layer's key and value is [rows, kv_heads, T, head_dim]; `mask` [rows, T] marks the
-slots that hold a real token, so a row may have holes (left padding from being merged with longer
-rows). Positions are kept per row, so padding never shifts a token's rotary/absolute position.
-Rows of one request are contiguous and requests keep their order, so a request is a row range.
+Layout: every layer's key and value is a buffer [rows, kv_heads, capacity, head_dim] whose first
+`length` slots are in use; `mask` [rows, capacity] marks the slots that hold a real token, so a row
+may have holes (left padding from being merged with longer rows). Slots past `length` are zeros and
+masked: the whole buffer goes to the generator as the past without a copy, and each decode step
+writes the new token's keys and values into slot `length` in place. Capacity grows in chunks, so
+the cache is copied once per GROW steps instead of at every step. Positions are kept per row, so
+padding never shifts a token's rotary/absolute position. Rows of one request are contiguous and
+requests keep their order, so a request is a row range.
 """
 
 from __future__ import annotations
@@ -19,20 +23,23 @@ from ragmix.models.generator import positions_from_mask
 if TYPE_CHECKING:
     from ragmix.models.generator import Generator
 
+GROW = 64  # spare slots allocated at a time: attention reads at most this many masked slots
+
 
 @dataclass
 class Batch:
-    past: list[np.ndarray]  # 2*layers x [rows, kv_heads, T, head_dim]
-    mask: np.ndarray  # rows x T, int64
+    past: list[np.ndarray]  # 2*layers x [rows, kv_heads, capacity, head_dim]
+    mask: np.ndarray  # rows x capacity, int64
     next_pos: np.ndarray  # rows, int64: position of the token fed next
     last: np.ndarray  # rows, int64: token fed next
+    length: int = 0  # slots in use
 
     @property
     def rows(self) -> int:
         return self.mask.shape[0]
 
     @property
-    def length(self) -> int:
+    def capacity(self) -> int:
         return self.mask.shape[1]
 
     @property
@@ -47,6 +54,10 @@ class Batch:
             np.zeros(0, np.int64),
             np.zeros(0, np.int64),
         )
+
+
+def _buffers(like: list[np.ndarray], rows: int, capacity: int) -> list[np.ndarray]:
+    return [np.zeros((rows, a.shape[1], capacity, a.shape[3]), a.dtype) for a in like]
 
 
 def prefill(
@@ -82,9 +93,16 @@ def prefill(
         mask[i, p + s - len(tokens) :] = 1
     positions = positions_from_mask(mask, s)  # rows x S
     logits_index = np.full((n, 1), s - 1, np.int64)  # rows x 1: the last prompt position
-    logits, present = generator.forward(ids, mask, positions, past, logits_index)
+    logits, new = generator.forward_new(ids, mask, positions, past, logits_index)
+    length = p + s
+    buffers = _buffers(new, n, length + GROW)
+    for buf, old, fresh in zip(buffers, past, new, strict=True):
+        buf[:, :, :p] = old
+        buf[:, :, p:length] = fresh
+    full_mask = np.zeros((n, length + GROW), np.int64)
+    full_mask[:, :length] = mask
     lengths = np.array([a + len(b) for a, b in zip(plen, prompts, strict=True)], np.int64)
-    batch = Batch(present, mask, lengths, np.full(n, -1, np.int64))
+    batch = Batch(buffers, full_mask, lengths, np.full(n, -1, np.int64), length)
     return logits[:, 0, :], batch  # rows x V
 
 
@@ -94,27 +112,39 @@ def row_slots(batch: Batch, row: int, start: int, length: int) -> list[np.ndarra
 
 
 def decode(generator: Generator, batch: Batch) -> np.ndarray:
-    """One token step for every row: feed `last`, grow the KV by one slot, return rows x V logits."""
+    """One token step for every row: feed `last`, write its KV into slot `length`, return logits.
+
+    The graph sees the whole buffer as the past (spare slots masked) and returns only the new
+    keys and values, so nothing of size rows x capacity is copied.
+    """
     n = batch.rows
-    mask = np.concatenate([batch.mask, np.ones((n, 1), np.int64)], axis=1)  # rows x T+1
-    logits, present = generator.forward(
+    if batch.length == batch.capacity:
+        _grow(batch)
+    mask = np.concatenate([batch.mask, np.ones((n, 1), np.int64)], axis=1)  # rows x capacity+1
+    logits, new = generator.forward_new(
         batch.last[:, None],  # rows x 1
         mask,
         batch.next_pos[:, None],  # rows x 1
         batch.past,
         np.zeros((n, 1), np.int64),
     )
-    batch.past, batch.mask = present, mask
+    t = batch.length
+    for buf, fresh in zip(batch.past, new, strict=True):
+        buf[:, :, t] = fresh[:, :, 0]  # rows x kv_heads x head_dim
+    batch.mask[:, t] = 1
+    batch.length = t + 1
     batch.next_pos = batch.next_pos + 1
     return logits[:, 0, :]  # rows x V
 
 
-def _left_pad(a: np.ndarray, axis: int, width: int) -> np.ndarray:
-    if width == 0:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (width, 0)
-    return np.pad(a, pad)
+def _grow(batch: Batch) -> None:
+    cap = batch.capacity + GROW
+    buffers = _buffers(batch.past, batch.rows, cap)
+    for buf, old in zip(buffers, batch.past, strict=True):
+        buf[:, :, : batch.length] = old[:, :, : batch.length]
+    mask = np.zeros((batch.rows, cap), np.int64)
+    mask[:, : batch.length] = batch.mask[:, : batch.length]
+    batch.past, batch.mask = buffers, mask
 
 
 def concat(a: Batch, b: Batch) -> Batch:
@@ -124,24 +154,32 @@ def concat(a: Batch, b: Batch) -> Batch:
     if b.rows == 0:
         return a
     t = max(a.length, b.length)
-    past = [
-        np.concatenate([_left_pad(x, 2, t - a.length), _left_pad(y, 2, t - b.length)], axis=0)
-        for x, y in zip(a.past, b.past, strict=True)
-    ]
-    mask = np.concatenate([_left_pad(a.mask, 1, t - a.length), _left_pad(b.mask, 1, t - b.length)])
+    rows = a.rows + b.rows
+    buffers = _buffers(a.past, rows, t + GROW)
+    mask = np.zeros((rows, t + GROW), np.int64)
+    for side, lo in ((a, 0), (b, a.rows)):
+        hi, start = lo + side.rows, t - side.length  # right-align the used slots at t
+        for buf, old in zip(buffers, side.past, strict=True):
+            buf[lo:hi, :, start:t] = old[:, :, : side.length]
+        mask[lo:hi, start:t] = side.mask[:, : side.length]
     return Batch(
-        past, mask, np.concatenate([a.next_pos, b.next_pos]), np.concatenate([a.last, b.last])
+        buffers,
+        mask,
+        np.concatenate([a.next_pos, b.next_pos]),
+        np.concatenate([a.last, b.last]),
+        t,
     )
 
 
 def select(batch: Batch, rows: np.ndarray) -> Batch:
-    """Keep `rows` (in order) and drop leading slots that no kept row uses, so T shrinks again."""
-    mask = batch.mask[rows]
+    """Keep `rows` (in order, repeats allowed) and drop leading slots that no kept row uses."""
+    mask = batch.mask[rows, : batch.length]
     used = np.flatnonzero(mask.any(axis=0))
-    start = int(used[0]) if used.size else mask.shape[1]
-    return Batch(
-        [np.ascontiguousarray(x[rows, :, start:]) for x in batch.past],
-        np.ascontiguousarray(mask[:, start:]),
-        batch.next_pos[rows],
-        batch.last[rows],
-    )
+    start = int(used[0]) if used.size else batch.length
+    length = batch.length - start
+    buffers = _buffers(batch.past, len(rows), length + GROW)
+    for buf, old in zip(buffers, batch.past, strict=True):
+        buf[:, :, :length] = old[rows, :, start : batch.length]
+    full_mask = np.zeros((len(rows), length + GROW), np.int64)
+    full_mask[:, :length] = mask[:, start:]
+    return Batch(buffers, full_mask, batch.next_pos[rows], batch.last[rows], length)

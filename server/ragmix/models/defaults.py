@@ -17,6 +17,7 @@ from pathlib import Path
 from ragmix import paths
 from ragmix.errors import BundleError
 from ragmix.models import bundle
+from ragmix.models.generator_export import KV_OUTPUTS
 
 LOG = logging.getLogger(__name__)
 
@@ -149,9 +150,12 @@ def _usable(folder: Path, kind: str, verify: bool) -> bool:
     if not (folder / bundle.MANIFEST).is_file():
         return False
     try:
-        bundle.read_manifest(folder, kind, verify=verify)
+        manifest = bundle.read_manifest(folder, kind, verify=verify)
     except BundleError as e:
         LOG.warning("rebuilding %s: %s", folder, e)
+        return False
+    if kind == "generator" and manifest.get("kv", {}).get("outputs") != KV_OUTPUTS:
+        LOG.warning("rebuilding %s: exported by an older ragmix (whole-cache outputs)", folder)
         return False
     return True
 

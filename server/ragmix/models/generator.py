@@ -86,6 +86,12 @@ class Generator:
         for key in ("name", "fingerprint", "tokenizer", "prompt_template", "kv", "io", "files"):
             if key not in manifest:
                 raise BundleError(f"{folder}/manifest.json lacks {key!r}. Rebuild the bundle.")
+        if manifest["kv"].get("outputs") != "new":
+            raise BundleError(
+                f"{folder} was exported by an older ragmix whose graph returns the whole KV cache; "
+                "this version needs only the new keys and values. Rebuild it (`ragmix models "
+                "export-default --overwrite`, or `ragmix models export ... --overwrite`)."
+            )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -128,12 +134,29 @@ class Generator:
         past: list[np.ndarray],
         logits_index: np.ndarray,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """`forward_new`, returning the present cache (past and new concatenated) instead.
+
+        Convenient for callers that rebuild their cache every call; the engine appends in place.
+        """
+        logits, new = self.forward_new(input_ids, attention_mask, position_ids, past, logits_index)
+        return logits, [np.concatenate([p, n], axis=2) for p, n in zip(past, new, strict=True)]
+
+    def forward_new(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: list[np.ndarray],
+        logits_index: np.ndarray,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One pass over `batch` rows of `new` tokens each.
 
         input_ids, position_ids: batch x new; attention_mask: batch x (past + new), 1 = attend;
-        past: 2 * layers arrays batch x kv_heads x past x head_dim; logits_index: batch x positions,
-        indices into the new tokens. Returns logits batch x positions x vocab and the present cache
-        (batch x kv_heads x (past + new) x head_dim each, same order as `past`).
+        past: 2 * layers arrays batch x kv_heads x past x head_dim (slots the mask zeroes must hold
+        finite values, e.g. zeros: a buffer with spare capacity is passed whole, without a copy);
+        logits_index: batch x positions, indices into the new tokens. Returns logits
+        batch x positions x vocab and the new tokens' keys and values (batch x kv_heads x new x
+        head_dim each, same order as `past`).
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
