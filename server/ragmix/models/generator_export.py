@@ -32,12 +32,14 @@ TOKENIZER_FILE = "tokenizer.json"
 PASSAGE_MARKER = "RAGMIXPASSAGEMARKER"
 QUESTION_MARKER = "RAGMIXQUESTIONMARKER"
 # The user turn of a chat model. Passage first so its prefix (and its KV cache) is shared by every
-# question asked about it; the instruction follows the question. Of the wordings tried on
-# SmolLM2-135M-Instruct this one gave the shortest correct answers (an instruction between passage
-# and question made it echo the passage or invent "Le Grand Paris").
+# question asked about it; the instruction goes before the passage, inside that cached prefix, so a
+# warm request computes only the question (17 tokens a row for SmolLM2 instead of 29). Tried on
+# SmolLM2-135M-Instruct against the default index: this wording gave short, correct answers to 5 of
+# 5 questions; the instruction after the question 4 of 5 (it looped on "define a class"); between
+# passage and question it echoed the passage or invented "Le Grand Paris".
 CHAT_USER_CONTENT = (
-    f"{PASSAGE_MARKER}\n\nQuestion: {QUESTION_MARKER}\n"
-    "Answer in one short sentence, using the text above."
+    f"Answer in one short sentence, using this text:\n{PASSAGE_MARKER}\n\n"
+    f"Question: {QUESTION_MARKER}"
 )
 PLAIN_TEMPLATE = "{passage}\n\nQuestion: {question}\nAnswer:"
 
