@@ -58,7 +58,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "processor": platform.processor(),
-        "shared": "the 2 cores were shared with other jobs running at the same time",
+        "load_average_at_start": list(os.getloadavg()),
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
