@@ -163,10 +163,11 @@ def _write(text: str) -> None:
 
 def _summary(console: Console | None, passages: list[Passage], done: Done) -> None:
     """After the answer: the passages with prior p(z|x) and posterior p(z|x,y), then timings."""
-    post = done.posterior or [float("nan")] * len(passages)
+    # CONCAT has no latent passage, hence no posterior: shown as "-".
+    post = [f"{q:9.3f}" for q in done.posterior] or [f"{'-':>9}"] * len(passages)
     lines = ["", "", f"{'':4}{'passage':<24} {'score':>6} {'prior':>6} {'posterior':>9}  title"]
     for j, (p, q) in enumerate(zip(passages, post, strict=False)):
-        lines.append(f"[{j + 1}] {p.id:<24} {p.score:6.3f} {p.prior:6.3f} {q:9.3f}  {p.title}")
+        lines.append(f"[{j + 1}] {p.id:<24} {p.score:6.3f} {p.prior:6.3f} {q}  {p.title}")
     t = done.timings
     lines.append(
         f"[{done.finish_reason}, {done.usage.generated_tokens} tokens, first token "
