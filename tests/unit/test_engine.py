@@ -313,3 +313,28 @@ def test_kv_budget_holds_back_admission_and_refuses_what_cannot_fit(parts):
             asyncio.run(collect(e, QUESTIONS[0], k=4, n=8))
     finally:
         e.shutdown()
+
+
+def test_min_new_tokens_keeps_eos_out(engine, parts):
+    eos = parts[0].eos_token_ids
+
+    async def runs(min_new):
+        return await asyncio.gather(
+            *(
+                collect(engine, QUESTIONS[i % 4], k=1, n=48, temperature=100.0, seed=i,
+                        min_new_tokens=min_new)
+                for i in range(60)
+            )
+        )  # fmt: skip
+
+    def eos_seen(results):
+        return sum(any(e.id in eos for e in r if isinstance(e, TokenEvent)) for r in results)
+
+    # Near-uniform sampling over the tiny vocabulary meets EOS somewhere in 60 x 48 draws (the
+    # chance it does not is below 1e-3), unless min_new_tokens forbids it.
+    assert eos_seen(asyncio.run(runs(0))) > 0
+    constrained = asyncio.run(runs(48))
+    assert eos_seen(constrained) == 0
+    assert all(r[-1].finish_reason == FinishReason.LENGTH for r in constrained)
+    with pytest.raises(ValidationError, match="min_new_tokens"):
+        asyncio.run(collect(engine, QUESTIONS[0], n=4, min_new_tokens=5))

@@ -44,7 +44,7 @@ class Passage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., prior: _Optional[float] = ...) -> None: ...
 
 class DecodingParams(_message.Message):
-    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "num_beams", "fast_sequence_decoding", "top_n")
+    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "num_beams", "fast_sequence_decoding", "top_n", "min_new_tokens")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class DecodingParams(_message.Message):
     NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
     FAST_SEQUENCE_DECODING_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -63,7 +64,8 @@ class DecodingParams(_message.Message):
     num_beams: int
     fast_sequence_decoding: bool
     top_n: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., num_beams: _Optional[int] = ..., fast_sequence_decoding: _Optional[bool] = ..., top_n: _Optional[int] = ...) -> None: ...
+    min_new_tokens: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., num_beams: _Optional[int] = ..., fast_sequence_decoding: _Optional[bool] = ..., top_n: _Optional[int] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("query", "top_k", "mixture", "decoding", "retrieval_temperature", "passage_ids")

@@ -129,6 +129,12 @@ class Engine:
         limits = self.config.limits
         retrieval.verify(limits)
         decoding.verify(limits)
+        if mixture is Mixture.SEQUENCE and decoding.min_new_tokens:
+            raise ValidationError(
+                "min_new_tokens",
+                "min_new_tokens applies to MIXTURE_TOKEN and MIXTURE_CONCAT; RAG-Sequence beams "
+                f"end where the model ends them, got min_new_tokens={decoding.min_new_tokens}.",
+            )
         self._check_capacity()
         passages, retrieval_ms = await self.retrieval.retrieve(retrieval)
         yield PassagesEvent(passages)
@@ -433,6 +439,12 @@ class Engine:
             self._running.extend(new)
         reqs = self._running
         all_logits = logits[0] if len(logits) == 1 else np.concatenate(logits)  # rows x V
+        eos = list(self.generator.eos_token_ids)
+        row = 0
+        for r in reqs:  # min_new_tokens: no EOS yet, for every passage of the request
+            if len(r.tokens) < r.decoding.min_new_tokens:
+                all_logits[row : row + r.rows, eos] = -np.inf
+            row += r.rows
 
         # One kernel call for every request: mixture, choice, responsibilities.
         offsets = np.zeros(len(reqs) + 1, np.int64)

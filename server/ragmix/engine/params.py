@@ -94,6 +94,9 @@ class DecodingParams:
 
     max_new_tokens: int = 0
     """Tokens to generate at most; 0 = the server's default_max_new_tokens."""
+    min_new_tokens: int = 0
+    """EOS is not chosen before this many tokens (each passage's distribution renormalised
+    without it before mixing); 0 = no minimum. At most max_new_tokens."""
     temperature: float = 0.0
     """Applied to the mixture log-probs before sampling; 0 = greedy."""
     top_p: float = 1.0
@@ -127,6 +130,12 @@ class DecodingParams:
             self.max_new_tokens = limits.default_max_new_tokens
         if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
             raise _fail("max_new_tokens", f"in [1, {limits.max_new_tokens}]", self.max_new_tokens)
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise _fail(
+                "min_new_tokens",
+                f"in [0, max_new_tokens = {self.max_new_tokens}]",
+                self.min_new_tokens,
+            )
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise _fail("temperature", "a finite number >= 0 (0 = greedy)", self.temperature)
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):

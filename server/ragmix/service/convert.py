@@ -34,6 +34,7 @@ def retrieval_from_pb(
 def decoding_from_pb(msg: pb.DecodingParams) -> DecodingParams:
     return DecodingParams(
         max_new_tokens=msg.max_new_tokens,
+        min_new_tokens=msg.min_new_tokens,
         temperature=msg.temperature,
         top_p=msg.top_p,
         top_k=msg.top_k,
