@@ -255,9 +255,7 @@ def test_score_reproduces_streamed_token_logprobs(engine, parts):
     if gen.encode(text) != [t.id for t in tokens]:
         pytest.skip("the tiny tokenizer does not round-trip this answer")
     ids = [p.id for p in events[0].passages]
-    _, result = asyncio.run(
-        engine.score(RetrievalParams(QUESTIONS[1], passage_ids=ids), text)
-    )
+    _, result = asyncio.run(engine.score(RetrievalParams(QUESTIONS[1], passage_ids=ids), text))
     assert result.answer_ids == [t.id for t in tokens]
     np.testing.assert_allclose(result.token.token_logprobs, [t.logprob for t in tokens], atol=1e-4)
     np.testing.assert_allclose(
@@ -338,3 +336,23 @@ def test_min_new_tokens_keeps_eos_out(engine, parts):
     assert all(r[-1].finish_reason == FinishReason.LENGTH for r in constrained)
     with pytest.raises(ValidationError, match="min_new_tokens"):
         asyncio.run(collect(engine, QUESTIONS[0], n=4, min_new_tokens=5))
+
+
+def test_sequence_reports_ranked_candidates(engine):
+    events = asyncio.run(
+        collect(
+            engine, QUESTIONS[2], k=3, n=6, mixture=Mixture.SEQUENCE, num_beams=3,
+            num_return_sequences=3,
+        )
+    )  # fmt: skip
+    done = events[-1]
+    assert 1 <= len(done.sequences) <= 3
+    best = done.sequences[0]
+    assert best.text == done.text or done.finish_reason == FinishReason.STOP
+    assert best.token_ids == [e.id for e in events if isinstance(e, TokenEvent)]
+    np.testing.assert_allclose(best.posterior, done.posterior, atol=1e-6)
+    logprobs = [c.logprob for c in done.sequences]
+    assert logprobs == sorted(logprobs, reverse=True)
+    assert len({tuple(c.token_ids) for c in done.sequences}) == len(done.sequences)
+    for c in done.sequences:
+        assert abs(sum(c.posterior) - 1) <= 1e-5

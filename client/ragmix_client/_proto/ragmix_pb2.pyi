@@ -44,7 +44,7 @@ class Passage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., prior: _Optional[float] = ...) -> None: ...
 
 class DecodingParams(_message.Message):
-    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "num_beams", "fast_sequence_decoding", "top_n", "min_new_tokens")
+    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "num_beams", "fast_sequence_decoding", "top_n", "min_new_tokens", "num_return_sequences")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class DecodingParams(_message.Message):
     FAST_SEQUENCE_DECODING_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RETURN_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -65,7 +66,8 @@ class DecodingParams(_message.Message):
     fast_sequence_decoding: bool
     top_n: int
     min_new_tokens: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., num_beams: _Optional[int] = ..., fast_sequence_decoding: _Optional[bool] = ..., top_n: _Optional[int] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
+    num_return_sequences: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., num_beams: _Optional[int] = ..., fast_sequence_decoding: _Optional[bool] = ..., top_n: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., num_return_sequences: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("query", "top_k", "mixture", "decoding", "retrieval_temperature", "passage_ids")
@@ -124,18 +126,32 @@ class Alternative(_message.Message):
     def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Done(_message.Message):
-    __slots__ = ("finish_reason", "text", "usage", "timings", "posterior")
+    __slots__ = ("finish_reason", "text", "usage", "timings", "posterior", "sequences")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     text: str
     usage: Usage
     timings: Timings
     posterior: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., posterior: _Optional[_Iterable[float]] = ...) -> None: ...
+    sequences: _containers.RepeatedCompositeFieldContainer[ScoredSequence]
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., posterior: _Optional[_Iterable[float]] = ..., sequences: _Optional[_Iterable[_Union[ScoredSequence, _Mapping]]] = ...) -> None: ...
+
+class ScoredSequence(_message.Message):
+    __slots__ = ("text", "token_ids", "logprob", "posterior")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    POSTERIOR_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprob: float
+    posterior: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprob: _Optional[float] = ..., posterior: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "cached_prompt_tokens", "generated_tokens")

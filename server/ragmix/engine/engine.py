@@ -26,7 +26,13 @@ import numpy as np
 from ragmix import kernels
 from ragmix.engine import kv
 from ragmix.engine.observer import EngineObserver
-from ragmix.engine.outputs import DoneEvent, Event, PassagesEvent, RetrievedPassage
+from ragmix.engine.outputs import (
+    DoneEvent,
+    Event,
+    PassagesEvent,
+    RetrievedPassage,
+    ScoredSequence,
+)
 from ragmix.engine.params import DecodingParams, Limits, Mixture, RetrievalParams
 from ragmix.engine.prefix_cache import PassageCache, prefix_key
 from ragmix.engine.prompts import (
@@ -209,6 +215,7 @@ class Engine:
                 num_beams=decoding.num_beams,
                 max_new_tokens=decoding.max_new_tokens,
                 mode="fast" if decoding.fast_sequence_decoding else "thorough",
+                num_return_sequences=decoding.num_return_sequences,
             )
         )
         done = time.perf_counter()
@@ -228,6 +235,17 @@ class Engine:
         )
         request.admitted, request.prefill_ms = admitted, (done - admitted) * 1e3
         request.final_posterior = [float(p) for p in answer.posterior]
+        eos = self.generator.eos_token_ids
+        request.sequences = [
+            ScoredSequence(
+                # A trailing partial UTF-8 character is not text (the stream holds it back too).
+                self.generator.decode([t for t in c.ids if t not in eos]).rstrip("\ufffd"),
+                c.ids,
+                c.logprob,
+                [float(p) for p in c.posterior],
+            )
+            for c in answer.ranked
+        ]
         for i, token in enumerate(answer.ids):
             finished = request.on_token(
                 token, float(answer.token_logprobs[i]), answer.responsibilities[i], []

@@ -54,12 +54,21 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class ScoredSequence:
+    text: str
+    token_ids: list[int]
+    logprob: float  # log p(y | x) under RAG-Sequence
+    posterior: list[float]  # p(z_j | x, y)
+
+
+@dataclass(frozen=True)
 class DoneEvent:
     finish_reason: FinishReason
     text: str
     usage: Usage
     timings: Timings
     posterior: list[float]  # p(z_j | x, y) over the K passages
+    sequences: list[ScoredSequence] = field(default_factory=list)  # RAG-Sequence candidates
 
 
 Event = PassagesEvent | TokenEvent | DoneEvent

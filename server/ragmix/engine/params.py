@@ -111,6 +111,8 @@ class DecodingParams:
     """Beams per passage for RAG-Sequence; 0 = 4."""
     top_n: int = 0
     """Alternatives reported per token, in [0, 20]."""
+    num_return_sequences: int = 1
+    """RAG-Sequence: the best candidates reported in Done (the streamed answer is the first)."""
     fast_sequence_decoding: bool = False
     """RAG-Sequence: ParlAI's "fast" marginalisation instead of "thorough" rescoring."""
 
@@ -153,6 +155,10 @@ class DecodingParams:
             self.num_beams = 4
         if not 1 <= self.num_beams <= 16:
             raise _fail("num_beams", "in [1, 16]", self.num_beams)
+        if self.num_return_sequences == 0:
+            self.num_return_sequences = 1
+        if not 1 <= self.num_return_sequences <= 16:
+            raise _fail("num_return_sequences", "in [1, 16]", self.num_return_sequences)
         if not 0 <= self.top_n <= MAX_TOP_N:
             raise _fail("top_n", f"in [0, {MAX_TOP_N}]", self.top_n)
         return self

@@ -49,6 +49,7 @@ class Request:
     cached_prompt_tokens: int = 0
     finish_reason: str = ""
     final_posterior: list[float] | None = None  # set by RAG-Sequence, which knows it up front
+    sequences: list = field(default_factory=list)  # RAG-Sequence: ranked candidates for Done
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.decoding.seed)
@@ -138,4 +139,5 @@ class Request:
                 total_ms=ms(now),
             ),
             self.posterior(),
+            self.sequences,
         )

@@ -31,6 +31,7 @@ from ragmix.engine.score import (
     passage_prompts,
     prefix_log_joint,
     sequence_mixture,
+    sequence_posterior,
     softmax,
 )
 from ragmix.errors import ValidationError
@@ -72,6 +73,14 @@ class SequenceAnswer:
     posterior: np.ndarray  # K: p(z_j | x, y)
     finish_reason: str  # "eos" | "length"
     candidates: int  # distinct hypotheses considered
+    ranked: list[RankedSequence] = field(default_factory=list)  # best first, the answer included
+
+
+@dataclass
+class RankedSequence:
+    ids: list[int]  # ends with the EOS token when the hypothesis finished
+    logprob: float  # log p(y | x), the RAG-Sequence marginal
+    posterior: np.ndarray  # K: p(z_j | x, y)
 
 
 class _Beams:
@@ -190,6 +199,7 @@ def rag_sequence(
     num_beams: int,
     max_new_tokens: int,
     mode: Literal["thorough", "fast"] = "thorough",
+    num_return_sequences: int = 1,
 ) -> SequenceAnswer:
     """Decode one answer under RAG-Sequence: beams per passage, then marginalise (module doc).
 
@@ -233,6 +243,11 @@ def rag_sequence(
     lp = lps[best]
     mix = sequence_mixture(lp, log_prior)
     hyp = next(iter(found[keys[best]].values()))
+    order = sorted(range(len(keys)), key=lambda c: (-marginals[c], c))[:num_return_sequences]
+    ranked = [
+        RankedSequence(list(keys[c]), float(marginals[c]), sequence_posterior(lps[c], log_prior))
+        for c in order
+    ]
     return SequenceAnswer(
         ids=list(keys[best]),
         logprob=mix.logprob,
@@ -241,4 +256,5 @@ def rag_sequence(
         posterior=mix.posterior,
         finish_reason="eos" if hyp.finished else "length",
         candidates=len(keys),
+        ranked=ranked,
     )

@@ -41,6 +41,7 @@ def decoding_from_pb(msg: pb.DecodingParams) -> DecodingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         stop=list(msg.stop),
         num_beams=msg.num_beams,
+        num_return_sequences=msg.num_return_sequences,
         top_n=msg.top_n,
         fast_sequence_decoding=msg.fast_sequence_decoding,
     )
@@ -84,6 +85,12 @@ def event_to_pb(ev: Event) -> pb.GenerateResponse:
                     queue_ms=t.queue_ms,
                 ),
                 posterior=ev.posterior,
+                sequences=[
+                    pb.ScoredSequence(
+                        text=c.text, token_ids=c.token_ids, logprob=c.logprob, posterior=c.posterior
+                    )
+                    for c in ev.sequences
+                ],
             )
         )
     raise TypeError(f"unknown engine event {type(ev).__name__}")
