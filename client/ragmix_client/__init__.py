@@ -15,6 +15,7 @@ from ragmix_client._version import __version__
 from ragmix_client.aio import AsyncRagClient
 from ragmix_client.client import RagClient
 from ragmix_client.types import (
+    Alternative,
     Answer,
     Done,
     Event,
@@ -23,6 +24,7 @@ from ragmix_client.types import (
     Passage,
     Passages,
     RagmixError,
+    ScoredSequence,
     ScoreResult,
     Timings,
     Token,
@@ -31,6 +33,7 @@ from ragmix_client.types import (
 
 __all__ = [
     "NO_RETRY",
+    "Alternative",
     "Answer",
     "AsyncRagClient",
     "Done",
@@ -43,6 +46,7 @@ __all__ = [
     "RagmixError",
     "RetryPolicy",
     "ScoreResult",
+    "ScoredSequence",
     "Timings",
     "Token",
     "Usage",

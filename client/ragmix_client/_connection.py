@@ -199,6 +199,10 @@ def generate_request(
     num_beams: int,
     retrieval_temperature: float,
     passage_ids: Sequence[str],
+    min_new_tokens: int = 0,
+    top_n: int = 0,
+    num_return_sequences: int = 0,
+    fast_sequence_decoding: bool = False,
 ) -> pb.GenerateRequest:
     if mixture not in MIXTURES:
         raise ValueError(f"mixture must be one of {', '.join(MIXTURES)}, got {mixture!r}.")
@@ -211,6 +215,10 @@ def generate_request(
         top_k=top_k_tokens,
         stop=list(stop),
         num_beams=num_beams,
+        min_new_tokens=min_new_tokens,
+        top_n=top_n,
+        num_return_sequences=num_return_sequences,
+        fast_sequence_decoding=fast_sequence_decoding,
     )
     if seed is not None:
         decoding.seed = seed

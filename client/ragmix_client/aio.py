@@ -68,6 +68,10 @@ class AsyncRagClient(ClientBase):
         num_beams: int = 0,
         retrieval_temperature: float = 0.0,
         passage_ids: Sequence[str] = (),
+        min_new_tokens: int = 0,
+        top_n: int = 0,
+        num_return_sequences: int = 0,
+        fast_sequence_decoding: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[Event]:
         """Stream Passages, then one Token per generated token, then Done (see RagClient.generate)."""
@@ -84,6 +88,10 @@ class AsyncRagClient(ClientBase):
             num_beams=num_beams,
             retrieval_temperature=retrieval_temperature,
             passage_ids=passage_ids,
+            min_new_tokens=min_new_tokens,
+            top_n=top_n,
+            num_return_sequences=num_return_sequences,
+            fast_sequence_decoding=fast_sequence_decoding,
         )
         return self._stream(request, self._deadline(timeout))
 

@@ -69,6 +69,10 @@ class RagClient(ClientBase):
         num_beams: int = 0,
         retrieval_temperature: float = 0.0,
         passage_ids: Sequence[str] = (),
+        min_new_tokens: int = 0,
+        top_n: int = 0,
+        num_return_sequences: int = 0,
+        fast_sequence_decoding: bool = False,
         timeout: float | None = None,
     ) -> Iterator[Event]:
         """Stream one Passages event, then one Token per generated token, then Done.
@@ -88,6 +92,10 @@ class RagClient(ClientBase):
             num_beams: beams per passage for mixture="sequence"; 0 = server default.
             retrieval_temperature: tau of the prior softmax(score / tau); 0 = 1.0.
             passage_ids: condition on these index passages instead of retrieving.
+            min_new_tokens: EOS cannot end the answer before this many tokens; 0 = no minimum.
+            top_n: alternatives reported with each token (Token.alternatives), 0..20.
+            num_return_sequences: mixture="sequence": best candidates in Done.sequences; 0 = 1.
+            fast_sequence_decoding: mixture="sequence": ParlAI's "fast" marginalisation.
             timeout: seconds for the whole stream; None = the client's default.
         """
         request = generate_request(
@@ -103,6 +111,10 @@ class RagClient(ClientBase):
             num_beams=num_beams,
             retrieval_temperature=retrieval_temperature,
             passage_ids=passage_ids,
+            min_new_tokens=min_new_tokens,
+            top_n=top_n,
+            num_return_sequences=num_return_sequences,
+            fast_sequence_decoding=fast_sequence_decoding,
         )
         return self._stream(request, self._deadline(timeout))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -67,12 +67,30 @@ class Token:
     text: str
     logprob: float  # log p(y_i | x, y_<i) under the mixture
     responsibilities: list[float]  # r_ij = p(z_j | x, y_<=i), in Passages order, sums to 1
+    alternatives: list[Alternative] = field(default_factory=list)  # the top_n of the mixture
 
     @property
     def dominant(self) -> int:
         """Index of the passage with the largest responsibility for this token."""
         r = self.responsibilities
         return max(range(len(r)), key=r.__getitem__) if r else -1
+
+
+@dataclass(frozen=True)
+class Alternative:
+    id: int
+    text: str
+    logprob: float  # log p under the mixture
+
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    """A RAG-Sequence candidate (Done.sequences, best first)."""
+
+    text: str
+    token_ids: list[int]
+    logprob: float  # log p(y | x) under RAG-Sequence
+    posterior: list[float]  # p(z_j | x, y)
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,7 @@ class Done:
     usage: Usage
     timings: Timings
     posterior: list[float]  # p(z_j | x, y) of the whole answer, in Passages order
+    sequences: list[ScoredSequence] = field(default_factory=list)  # mixture="sequence" only
 
 
 Event = Passages | Token | Done
@@ -203,7 +222,8 @@ def event_from_pb(m: pb.GenerateResponse) -> Event:
         return Passages([Passage.from_pb(p) for p in m.passages.passages])
     if kind == "token":
         t = m.token
-        return Token(t.id, t.text, t.logprob, list(t.responsibilities))
+        alternatives = [Alternative(a.id, a.text, a.logprob) for a in t.alternatives]
+        return Token(t.id, t.text, t.logprob, list(t.responsibilities), alternatives)
     if kind == "done":
         d, t = m.done, m.done.timings
         return Done(
@@ -212,6 +232,10 @@ def event_from_pb(m: pb.GenerateResponse) -> Event:
             Usage(d.usage.prompt_tokens, d.usage.cached_prompt_tokens, d.usage.generated_tokens),
             Timings(t.retrieval_ms, t.queue_ms, t.prefill_ms, t.first_token_ms, t.total_ms),
             list(d.posterior),
+            [
+                ScoredSequence(c.text, list(c.token_ids), c.logprob, list(c.posterior))
+                for c in d.sequences
+            ],
         )
     raise RagmixError(grpc.StatusCode.UNKNOWN, f"unexpected stream event {kind!r}")
 

@@ -224,3 +224,18 @@ def test_top_n_alternatives(stub):
     for e in events[1:-1]:
         alts = e.token.alternatives
         assert len(alts) == 2 and alts[0].id == e.token.id and alts[0].logprob >= alts[1].logprob
+
+
+def test_sdk_passes_every_decoding_field(tiny_server):
+    from ragmix_client import RagClient
+
+    with RagClient(tiny_server.target, timeout=120) as client:
+        a = client.generate_text(QUESTION, top_k=2, max_new_tokens=4, top_n=2, min_new_tokens=4)
+        assert a.done.usage.generated_tokens == 4
+        assert all(len(t.alternatives) == 2 for t in a.tokens)
+        s = client.generate_text(
+            QUESTION, top_k=2, mixture="sequence", max_new_tokens=4, num_beams=2,
+            num_return_sequences=2, fast_sequence_decoding=True,
+        )  # fmt: skip
+        assert 1 <= len(s.done.sequences) <= 2
+        assert s.done.sequences[0].posterior == s.done.posterior
