@@ -248,14 +248,20 @@ def test_sequence_mixture_streams_the_marginalised_answer(engine, parts):
 
 
 def test_score_reproduces_streamed_token_logprobs(engine, parts):
+    # Score re-tokenises the answer text, so take an answer whose text round-trips to the same ids
+    # (random-weight models often emit token sequences that BPE would merge differently).
     gen = parts[0]
-    events = asyncio.run(collect(engine, QUESTIONS[1], k=3, n=10))
-    tokens = [e for e in events if isinstance(e, TokenEvent) and e.id not in gen.eos_token_ids]
-    text = "".join(t.text for t in tokens)
-    if gen.encode(text) != [t.id for t in tokens]:
-        pytest.skip("the tiny tokenizer does not round-trip this answer")
+    candidates = [*QUESTIONS, "What does return give back?", "When does if run its body?"]
+    for question in candidates:
+        events = asyncio.run(collect(engine, question, k=3, n=10))
+        tokens = [e for e in events if isinstance(e, TokenEvent) and e.id not in gen.eos_token_ids]
+        text = "".join(t.text for t in tokens)
+        if gen.encode(text) == [t.id for t in tokens]:
+            break
+    else:
+        raise AssertionError("no candidate answer round-trips through the tiny tokenizer")
     ids = [p.id for p in events[0].passages]
-    _, result = asyncio.run(engine.score(RetrievalParams(QUESTIONS[1], passage_ids=ids), text))
+    _, result = asyncio.run(engine.score(RetrievalParams(question, passage_ids=ids), text))
     assert result.answer_ids == [t.id for t in tokens]
     np.testing.assert_allclose(result.token.token_logprobs, [t.logprob for t in tokens], atol=1e-4)
     np.testing.assert_allclose(
