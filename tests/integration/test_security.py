@@ -259,3 +259,38 @@ def test_token_file_parsing_and_comparison(pki, tmp_path):
     spaced.write_text("two tokens on one line\n")
     with pytest.raises(ValidationError, match="one token per line"):
         load_tokens(str(spaced))
+
+
+# ------------------------------------------------------------------------ through the SDK
+
+
+def test_sdk_speaks_tls_and_tokens(tls_server, pki):
+    from ragmix_client import RagClient, RagmixError
+
+    with RagClient(
+        tls_server.target, root_certificates=pki["ca"], token=TOKENS[0], timeout=60
+    ) as client:
+        assert client.generate_text(QUESTION, top_k=2, max_new_tokens=3).done.usage.generated_tokens
+        assert client.health() == "SERVING"
+    with RagClient(tls_server.target, root_certificates=pki["ca"], timeout=30) as anonymous:
+        with pytest.raises(RagmixError) as err:
+            anonymous.info()
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_async_sdk_speaks_mutual_tls(mtls_server, pki):
+    import asyncio
+
+    from ragmix_client import AsyncRagClient
+
+    async def run():
+        async with AsyncRagClient(
+            mtls_server.target,
+            root_certificates=pki["ca"],
+            certificate_chain=pki["client_cert"],
+            private_key=pki["client_key"],
+            timeout=60,
+        ) as client:
+            return (await client.info()).generator
+
+    assert asyncio.run(run()).startswith("tiny-llama")
