@@ -45,7 +45,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             type=typ,
             default=None,
             metavar=f.name.split("_")[-1].upper(),
-            help=f"{f.metadata.get('help', '')} (default: {default})",
+            help=f.metadata.get("help", "") + ("" if default is None else f" (default: {default})"),
         )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_serve)
