@@ -24,6 +24,17 @@ class PromptTemplate:
     middle: str  # between the passage and the question
     tail: str  # after the question
 
+    @property
+    def split(self) -> int:
+        """Where the middle text is cut between the two pieces: before its trailing spaces.
+
+        The constant text between passage and question ("\n\nQuestion:") belongs to the cached
+        passage part, so a warm request computes only the question. Cutting before the space keeps
+        the ids those of tokenising the whole prompt at once, for byte-level BPE and SentencePiece
+        alike, whose pre-tokenisers attach a space to the word after it (" What").
+        """
+        return len(self.middle.rstrip(" "))
+
     @classmethod
     def parse(cls, template: str) -> PromptTemplate:
         """Split a str.format template with one {passage} slot followed by one {question} slot."""
@@ -43,10 +54,10 @@ class PromptTemplate:
         return cls(*(p.replace("{{", "{").replace("}}", "}") for p in (head, middle, tail)))
 
     def passage_part(self, passage: str) -> str:
-        return self.head + passage
+        return self.head + passage + self.middle[: self.split]
 
     def rest(self, question: str) -> str:
-        return self.middle + question + self.tail
+        return self.middle[self.split :] + question + self.tail
 
 
 def passage_text(title: str, text: str) -> str:
