@@ -6,11 +6,10 @@ Anything else is a bug: it is logged with a traceback and reported as INTERNAL w
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import grpc
 
@@ -22,6 +21,7 @@ from ragmix.errors import (
     UnavailableError,
     ValidationError,
 )
+from ragmix.service.interceptor import guarded
 
 LOG = logging.getLogger(__name__)
 
@@ -50,20 +50,15 @@ async def _abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:
     await context.abort(code, message)
 
 
-def rebuild(
-    handler: grpc.RpcMethodHandler,
-    *,
-    unary_unary: Callable[..., Any] | None = None,
-    unary_stream: Callable[..., Any] | None = None,
-) -> grpc.RpcMethodHandler:
-    """A handler with `handler`'s (de)serializers and a new behaviour; interceptors wrap with it."""
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
-    return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+@contextlib.asynccontextmanager
+async def _mapped(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """A servicer's exception becomes its status; an abort already under way passes through."""
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as e:
+        await _abort(context, e)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -72,47 +67,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await inner_uu(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as e:
-                    await _abort(context, e)
-
-            return rebuild(handler, unary_unary=unary_unary)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-            if inspect.iscoroutinefunction(inner_us):  # writes with context.write (health Watch)
-
-                async def unary_stream_writer(
-                    request: Any, context: grpc.aio.ServicerContext
-                ) -> None:
-                    try:
-                        await inner_us(request, context)
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception as e:
-                        await _abort(context, e)
-
-                return rebuild(handler, unary_stream=unary_stream_writer)
-
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator:
-                try:
-                    async for response in inner_us(request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as e:
-                    await _abort(context, e)
-
-            return rebuild(handler, unary_stream=unary_stream)
-        return handler
+        return guarded(await continuation(details), _mapped)

@@ -7,8 +7,9 @@ id back as trailing metadata "x-request-id", so a client's report can be matched
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
-import inspect
 import json
 import logging
 import re
@@ -21,7 +22,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ragmix.engine.observer import EngineObserver
-from ragmix.service.errors import rebuild
+from ragmix.service.interceptor import guarded
 
 LOG = logging.getLogger(__name__)
 ACCESS_LOG = logging.getLogger("ragmix.access")
@@ -206,8 +207,6 @@ def _rpc_name(method: str, service: str) -> str:
 def _final_code(
     err: BaseException | None, context: grpc.aio.ServicerContext, deadline: float | None
 ) -> grpc.StatusCode:
-    import asyncio
-
     # grpc.aio ends a handler whose client went away by cancelling its task, or, for a response
     # stream, by closing the generator (GeneratorExit): both mean cancelled or deadline passed.
     if isinstance(err, asyncio.CancelledError | GeneratorExit):
@@ -286,53 +285,18 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 extra={"fields": fields},
             )
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        @contextlib.asynccontextmanager
+        async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            start, err = begin(context), None
+            try:
+                yield
+            except BaseException as e:
+                err = e
+                raise
+            finally:
+                end(start, err, context)
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                t0, err = begin(context), None
-                try:
-                    return await inner_uu(request, context)
-                except BaseException as e:
-                    err = e
-                    raise
-                finally:
-                    end(t0, err, context)
-
-            return rebuild(handler, unary_unary=unary_unary)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-            if inspect.iscoroutinefunction(inner_us):  # writes with context.write (health Watch)
-
-                async def unary_stream_writer(
-                    request: Any, context: grpc.aio.ServicerContext
-                ) -> None:
-                    t0, err = begin(context), None
-                    try:
-                        await inner_us(request, context)
-                    except BaseException as e:
-                        err = e
-                        raise
-                    finally:
-                        end(t0, err, context)
-
-                return rebuild(handler, unary_stream=unary_stream_writer)
-
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                t0, err = begin(context), None
-                try:
-                    async for response in inner_us(request, context):
-                        yield response
-                except BaseException as e:
-                    err = e
-                    raise
-                finally:
-                    end(t0, err, context)
-
-            return rebuild(handler, unary_stream=unary_stream)
-        return handler  # streaming requests: none in this API (reflection), passed through
+        return guarded(handler, observed)
 
 
 # ------------------------------------------------------------------------------------ logs

@@ -6,6 +6,7 @@ RagService RPC needs "authorization: Bearer <token>" when a token file is config
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,7 @@ import grpc
 
 from ragmix.config import ServerConfig
 from ragmix.errors import ValidationError
-from ragmix.service.errors import rebuild
+from ragmix.service.interceptor import guarded
 
 LOG = logging.getLogger(__name__)
 
@@ -116,15 +117,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if message is None:
             return handler
 
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        @contextlib.asynccontextmanager
+        async def refuse(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - abort raises: the servicer never runs
 
-        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # pragma: no cover - makes this an async generator
-
-        if handler.unary_unary is not None:
-            return rebuild(handler, unary_unary=refuse)
-        if handler.unary_stream is not None:
-            return rebuild(handler, unary_stream=refuse_stream)
-        return handler  # streaming requests: none in RagService
+        # Streaming requests pass through unchecked: RagService has none.
+        return guarded(handler, refuse)
