@@ -15,14 +15,9 @@ import ragmix
 from ragmix.config import ServerConfig
 from ragmix.engine.engine import Engine
 from ragmix.engine.loader import load_engine
+from ragmix.service.access_log import ObservingInterceptor, configure_logs
 from ragmix.service.errors import ErrorInterceptor
-from ragmix.service.metrics import (
-    ObservingInterceptor,
-    PrometheusObserver,
-    RpcMetrics,
-    configure_logs,
-    serve_metrics,
-)
+from ragmix.service.prometheus import PrometheusObserver, RpcMetrics, serve_metrics
 from ragmix.service.security import AuthInterceptor, load_tokens, server_credentials
 from ragmix.service.servicer import RagServicer
 from ragmix_client._proto import ragmix_pb2 as pb
