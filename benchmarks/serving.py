@@ -181,8 +181,8 @@ def _token_stats(times: list[float]) -> dict[str, Any]:
 def grpc_stub(target: str) -> tuple[Any, Any, Any]:
     import grpc
 
-    from ragmix_client._proto import ragmix_pb2 as pb
-    from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+    from ragmix_client.proto import ragmix_pb2 as pb
+    from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
     channel = grpc.insecure_channel(target)
     grpc.channel_ready_future(channel).result(timeout=30)

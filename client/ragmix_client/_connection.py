@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 
 from ragmix_client import _health
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 from ragmix_client.types import MIXTURES
 
 DEFAULT_TARGET = "127.0.0.1:50051"

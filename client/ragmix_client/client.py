@@ -15,7 +15,7 @@ from ragmix_client._connection import (
     retrieve_request,
     score_request,
 )
-from ragmix_client._proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2 as pb
 from ragmix_client.types import (
     Answer,
     AnswerBuilder,

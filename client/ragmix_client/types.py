@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ragmix_client._proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2 as pb
 
 MIXTURES = {
     "token": pb.MIXTURE_TOKEN,

@@ -11,8 +11,8 @@ import pytest
 from conftest import start_server, stop_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.e2e
 

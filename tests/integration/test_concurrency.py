@@ -9,8 +9,8 @@ import grpc
 import pytest
 from conftest import start_server, stop_server
 
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 QUESTIONS = [
     "What does the yield statement do?",

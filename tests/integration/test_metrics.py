@@ -15,8 +15,8 @@ import pytest
 from conftest import start_server, stop_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 QUESTION = "What does the yield statement do?"
 ACTIVE_ROWS = "ragmix_active_rows"

@@ -30,8 +30,8 @@ from ragmix_client import (
     Token,
     _health,
 )
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "What does the yield statement do?"

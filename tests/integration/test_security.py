@@ -20,8 +20,8 @@ from test_metrics import QUESTION, tiny_args
 from ragmix.config import load_config
 from ragmix.errors import ValidationError
 from ragmix.service.security import load_tokens, token_accepted
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 TOKENS = ("alpha-7f3c9e", "beta-19d2b4")
 

@@ -10,8 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 QUESTION = "What does the yield statement do?"
 

@@ -19,7 +19,7 @@ def test_generated_stubs_are_up_to_date():
 
 
 def test_contract_names():
-    from ragmix_client._proto import ragmix_pb2 as pb
+    from ragmix_client.proto import ragmix_pb2 as pb
 
     svc = pb.DESCRIPTOR.services_by_name["RagService"]
     assert svc.full_name == "ragmix.v1.RagService"

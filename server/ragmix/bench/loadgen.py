@@ -282,8 +282,8 @@ class _Client:
     def __init__(self, spec: LoadSpec) -> None:
         import grpc
 
-        from ragmix_client._proto import ragmix_pb2 as pb
-        from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+        from ragmix_client.proto import ragmix_pb2 as pb
+        from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
         self.spec = spec
         self._grpc = grpc

@@ -20,8 +20,8 @@ from ragmix.service.errors import ErrorInterceptor
 from ragmix.service.prometheus import PrometheusObserver, RpcMetrics, serve_metrics
 from ragmix.service.security import AuthInterceptor, load_tokens, server_credentials
 from ragmix.service.servicer import RagServicer
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 LOG = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import grpc
 
 from ragmix.engine.engine import Engine
 from ragmix.service import convert
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 
 class RagServicer(pb_grpc.RagServiceServicer):
