@@ -7,7 +7,10 @@ legitimately decide differently, are assumed away with margins well above the ke
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -107,6 +110,27 @@ def assert_logprobs_close(actual: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual, expected, atol=TOL, rtol=2**-21)
 
 
+def direct_row_logprob(logits: np.ndarray, log_prior: np.ndarray, offsets, token) -> np.ndarray:
+    """log_softmax(l_j)[token of j's group] in float64 (-inf where the prior is -inf), directly."""
+    out = np.full(logits.shape[0], -np.inf)
+    for g in range(offsets.shape[0] - 1):
+        for j in range(offsets[g], offsets[g + 1]):
+            if np.isfinite(log_prior[j]):
+                row = logits[j].astype(np.float64)
+                out[j] = row[token[g]] - np.logaddexp.reduce(row[np.isfinite(row)])
+    return out
+
+
+def assert_row_logprob_matches(fast: kernels.StepResult, ref: kernels.StepResult, args) -> None:
+    """row_logprob: rows x float64 in both, equal to each other and to the direct formula."""
+    logits, log_prior, offsets = args[:3]
+    for out in (fast, ref):
+        assert out.row_logprob.dtype == np.float64 and out.row_logprob.shape == log_prior.shape
+    direct = direct_row_logprob(logits, log_prior, np.asarray(offsets), ref.token)
+    np.testing.assert_allclose(ref.row_logprob, direct, atol=1e-9, rtol=1e-12)
+    assert_logprobs_close(fast.row_logprob, ref.row_logprob)
+
+
 def assert_results_match(fast: kernels.StepResult, ref: kernels.StepResult, args) -> None:
     offsets, top_n = args[2], args[7]
     np.testing.assert_array_equal(fast.token, ref.token)
@@ -115,6 +139,7 @@ def assert_results_match(fast: kernels.StepResult, ref: kernels.StepResult, args
     sums = np.add.reduceat(fast.responsibility.astype(np.float64), offsets[:-1])
     np.testing.assert_allclose(sums, 1.0, atol=TOL)
     assert_logprobs_close(fast.top_logprobs, ref.top_logprobs)
+    assert_row_logprob_matches(fast, ref, args)
     for g in range(offsets.shape[0] - 1):
         # Ids must agree except inside a run of (near-)equal values, where the order is float noise.
         values = ref.top_logprobs[g].astype(np.float64)
@@ -153,6 +178,11 @@ def test_reference_matches_direct_formula(args) -> None:
         joint = log_prior[rows].astype(np.float64) + log_softmax_tok
         np.testing.assert_allclose(
             ref.responsibility[rows], np.exp(joint - log_p[ref.token[g]]), atol=TOL
+        )
+        finite = np.isfinite(log_prior[rows])
+        np.testing.assert_array_equal(ref.row_logprob[rows][~finite], -np.inf)
+        np.testing.assert_allclose(
+            ref.row_logprob[rows][finite], log_softmax_tok[finite], atol=1e-9, rtol=1e-12
         )
         order = sorted(range(log_p.shape[0]), key=lambda v: (-log_p[v], v))[: args[7]]
         np.testing.assert_array_equal(ref.top_ids[g, : len(order)], order)
@@ -201,6 +231,7 @@ def test_sampled_step_same_uniform_same_token(args, temperature, top_k, top_p) -
     np.testing.assert_array_equal(fast.token, ref.token)
     assert_logprobs_close(fast.logprob, ref.logprob)
     np.testing.assert_allclose(fast.responsibility, ref.responsibility, atol=TOL)
+    assert_row_logprob_matches(fast, ref, args)
 
 
 def repeated_groups(logits: np.ndarray, log_prior: np.ndarray, n: int, **decoding):
@@ -297,6 +328,8 @@ def test_single_finite_prior_row_owns_the_token() -> None:
         np.testing.assert_array_equal(out.responsibility, [0.0, 1.0, 0.0])
         row = logits[1].astype(np.float64)
         log_softmax = row - np.logaddexp.reduce(row)
+        assert out.row_logprob[[0, 2]].tolist() == [-np.inf, -np.inf]  # not normalised: no mass
+        assert out.row_logprob[1] == pytest.approx(log_softmax.max(), abs=TOL)
         assert out.token[0] == int(np.argmax(row))
         assert out.logprob[0] == pytest.approx(log_softmax.max(), abs=TOL)
         np.testing.assert_array_equal(out.top_ids[0], np.argsort(-row)[:3])
@@ -365,8 +398,81 @@ def test_row_logprobs_match_reference_and_formula(seed, n, vocab, scale) -> None
     assert_logprobs_close(ref, direct)
 
 
-def test_warmup_and_chunk_boundaries() -> None:
-    assert kernels.warmup() >= 0
+@pytest.mark.parametrize("impl", [kernels, reference], ids=["numba", "numpy"])
+@pytest.mark.parametrize("vocab", [50, mixture.CHUNK * 2 + 7])
+def test_row_logprob_is_exact_where_the_responsibility_underflows(impl, vocab) -> None:
+    # Passage 1 puts the chosen token 200 nats below passage 0: r_1 ~ e^-204 is 0 in float32, so
+    # log p_1(token) recovered from it (log r_1 + log p_mix - log prior_1) would be -inf.
+    tok = vocab - 3  # in the last chunk when the vocabulary spans three
+    logits = np.zeros((3, vocab), np.float32)  # rows x vocab
+    logits[0, tok] = 5.0
+    logits[1, tok] = -200.0
+    logits[2] = np.linspace(-3, 3, vocab, dtype=np.float32)
+    logits[2, tok] = 4.0
+    log_prior = np.log(np.array([0.5, 0.3, 0.2], np.float32))
+    out = impl.mixture_step(logits, log_prior, [0, 3], [0.0], [0], [1.0], [0.5], 0)
+    assert out.token[0] == tok
+    assert out.responsibility[1] == 0.0  # underflowed
+    with np.errstate(divide="ignore"):
+        recovered = np.log(np.float64(out.responsibility[1])) + out.logprob[0] - log_prior[1]
+    assert recovered == -np.inf  # what the float32 responsibility leaves
+    x = logits.astype(np.float64)
+    expected = x[:, tok] - np.logaddexp.reduce(x, axis=1)  # float64 log_softmax at the token
+    assert np.all(np.isfinite(out.row_logprob))
+    assert out.row_logprob[1] == pytest.approx(-200.0 - np.log(vocab - 1), abs=1e-6)
+    np.testing.assert_allclose(out.row_logprob, expected, atol=1e-6, rtol=0)
+    # The rows that did not underflow agree with their responsibilities.
+    joint = log_prior.astype(np.float64) + out.row_logprob
+    np.testing.assert_allclose(out.responsibility, np.exp(joint - out.logprob[0]), atol=TOL)
+
+
+WARMUP_PROBE = r"""
+import json, numba, numpy as np
+from ragmix import kernels
+from ragmix.kernels import mixture
+
+def signatures():
+    return {name: [str(s) for s in d.signatures] for name, d in vars(mixture).items()
+            if isinstance(d, numba.core.registry.CPUDispatcher) and d.signatures}
+
+out = {"before": signatures(), "seconds": kernels.warmup()}
+out["after"] = signatures()
+# Steps as the engine builds them (engine step: float32 logits from the generator, priors
+# concatenated per request, np.array(..., np.float32 / np.int32 / np.float64), an int top_n), of
+# several sizes, greedy and sampled, with and without top_n; and Score's row_logprobs.
+rng = np.random.default_rng(0)
+for rows, vocab, top_n, temperature in ((1, 10, 0, 0.0), (5, 3000, 5, 0.0), (7, 4099, 0, 0.8),
+                                         (2, 64, 20, 1.3)):
+    logits = rng.standard_normal((rows, vocab)).astype(np.float32)
+    log_prior = np.log(np.full(rows, 1.0 / rows))  # float64, as np.log of the float priors
+    offsets = np.zeros(2, np.int64)
+    np.cumsum([rows], out=offsets[1:])
+    kernels.mixture_step(logits, np.concatenate([log_prior]), offsets,
+                         np.array([temperature], np.float32), np.array([3], np.int32),
+                         np.array([0.9], np.float32), np.array([0.25], np.float64), top_n)
+    kernels.row_logprobs(logits, rng.integers(0, vocab, rows))
+    kernels.row_logprobs(logits.astype(np.float64), np.zeros(rows, np.int32))
+out["after_engine_calls"] = signatures()
+print(json.dumps(out))
+"""
+
+
+def test_warmup_compiles_what_the_engine_calls_so_requests_never_compile() -> None:
+    # A fresh interpreter: nothing compiled before warmup, so what is there after is its doing.
+    r = subprocess.run(
+        [sys.executable, "-c", WARMUP_PROBE], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["before"] == {}
+    assert out["seconds"] >= 0
+    for entry in ("_mixture_step", "_row_logprobs"):
+        assert len(out["after"].get(entry, [])) == 1, out["after"]
+    # The engine's dtypes and shapes hit the compiled signatures: nothing new is compiled.
+    assert out["after_engine_calls"] == out["after"]
+
+
+def test_chunk_boundaries() -> None:
     # A vocabulary one past a chunk boundary, with the argmax in the last, one-token chunk.
     logits = np.zeros((2, mixture.CHUNK + 1), np.float32)
     logits[:, -1] = 3.0

@@ -11,8 +11,9 @@ tasks, so one long request uses every core as well as many short ones:
 1. per task and row: chunk max m_jc, e = exp(l - m_jc) into a scratch row, chunk sum S_jc;
 2. per row: the log-normaliser lse_j = m_j + log sum_c S_jc exp(m_jc - m_j);
 3. per task: p_mix on the chunk with weights pi_j exp(m_jc - lse_j), and the chunk's best tokens;
-4. per request: merge the chunks' best tokens, sample if asked, then every returned log-prob and
-   the responsibilities in log space from lse_j (exact, whatever float32 did to p_mix).
+4. per request: merge the chunks' best tokens, sample if asked, then every returned log-prob, the
+   responsibilities and each row's log p_j(token) = l_j[token] - lse_j in log space from lse_j
+   (exact, whatever float32 did to p_mix).
 
 A probability below `TINY` has lost its relative precision in float32; where a result depends on
 one (top_n in a very peaked mixture, sampling over tokens with huge logit gaps), that step switches
@@ -300,7 +301,7 @@ def _sample(log_p, q_buf, temperature, top_k, top_p, uniform):
 def _finish_group(
     g, logits, log_prior, offsets, temperature, top_k, top_p, uniform, top_n,
     lse, prior_peak, cand_p, cand_id, work, p_mix,
-    token, logprob, responsibility, top_ids, top_logprobs,
+    token, logprob, responsibility, top_ids, top_logprobs, row_logprob,
 ):  # fmt: skip
     """Step 4 for request g: merge the chunks' best tokens, choose, report in log space.
 
@@ -332,12 +333,14 @@ def _finish_group(
         tok = _sample(log_p, mix, temperature[g], top_k[g], top_p[g], uniform[g])
     token[g] = tok
 
-    # log p_mix(token) and the responsibilities, exactly, from the row log-normalisers.
+    # log p_mix(token), the responsibilities and log p_j(token), exactly, from the row
+    # log-normalisers (rows with a -inf prior have no lse_j: they keep r_j = 0, row_logprob = -inf).
     lp_tok = _log_mix(logits, log_prior, lse, r0, r1, tok)
     logprob[g] = lp_tok
     for j in range(r0, r1):
         if log_prior[j] > -np.inf:
             responsibility[j] = np.exp(_joint(logits, log_prior, lse, j, tok) - lp_tok)
+            row_logprob[j] = np.float64(logits[j, tok]) - lse[j]
 
     if top_n > 0:
         if best_p[top_n - 1] >= TINY:  # float32 order is trustworthy
@@ -435,6 +438,7 @@ def _mixture_step(
     responsibility = np.zeros(n_rows, dtype=np.float32)
     top_ids = np.full((n_groups, top_n), -1, dtype=np.int64)
     top_logprobs = np.full((n_groups, top_n), -np.inf, dtype=np.float32)
+    row_logprob = np.full(n_rows, -np.inf, dtype=np.float64)
     # Greedy requests need only O(K) scalar work here: run them serially unless some request
     # samples (O(V) work each), so a greedy step has just the two parallel regions above.
     if np.any(temperature > 0):
@@ -442,16 +446,16 @@ def _mixture_step(
             _finish_group(
                 g, logits, log_prior, offsets, temperature, top_k, top_p, uniform, top_n,
                 lse, prior_peak, cand_p, cand_id, work, p_mix,
-                token, logprob, responsibility, top_ids, top_logprobs,
+                token, logprob, responsibility, top_ids, top_logprobs, row_logprob,
             )  # fmt: skip
     else:
         for g in range(n_groups):
             _finish_group(
                 g, logits, log_prior, offsets, temperature, top_k, top_p, uniform, top_n,
                 lse, prior_peak, cand_p, cand_id, work, p_mix,
-                token, logprob, responsibility, top_ids, top_logprobs,
+                token, logprob, responsibility, top_ids, top_logprobs, row_logprob,
             )  # fmt: skip
-    return token, logprob, responsibility, top_ids, top_logprobs
+    return token, logprob, responsibility, top_ids, top_logprobs, row_logprob
 
 
 @njit(parallel=True, **_JIT)

@@ -5,6 +5,12 @@ request with prior log p_eta(z_j|x) and logits l_j:
 
     log p_mix(v)  = logsumexp_j [ log_prior_j + log_softmax(l_j)[v] ]
     r_j(token)    = softmax_j   [ log_prior_j + log_softmax(l_j)[token] ]      (responsibility)
+    row_logprob_j = log_softmax(l_j)[token] = l_j[token] - logsumexp(l_j)     (log p_j(token))
+
+row_logprob is what a sequence's posterior p(z_j|x,y) sums over tokens. It is returned directly,
+from the row's log-normaliser, because recovering it from the float32 responsibility
+(log r_j + log p_mix - log_prior_j) fails exactly when it matters: a passage that explains the
+token e^-104 times worse than another has r_j = 0 in float32, and log 0 = -inf.
 
 The prior is used exactly as given (no renormalisation): the engine passes log_softmax of the
 retrieval scores over the K retrieved passages, so the mixture sums to 1. Rows whose prior is -inf
@@ -40,6 +46,11 @@ class StepResult(NamedTuple):
     top_ids: np.ndarray  # groups x top_n, int64: the top_n tokens by log p_mix, descending
     top_logprobs: np.ndarray  # groups x top_n, float32: their log p_mix
     # (a vocabulary smaller than top_n pads top_ids with -1 and top_logprobs with -inf)
+    row_logprob: np.ndarray  # rows, float64: log_softmax(logits_j)[token of j's group], i.e.
+    # log p_j(token), exact from the row's log-normaliser (float64: it is summed over a sequence).
+    # -inf where log_prior_j is -inf: such rows are not normalised (the kernel skips their exps)
+    # and carry no weight in the mixture or in any posterior. Appended last: older fields keep
+    # their positions.
 
 
 def check_step_inputs(
@@ -120,11 +131,15 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     return np.squeeze(out, axis=axis)
 
 
+def row_log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log_softmax(logits_j)[v] for every row, in float64."""
+    x = logits.astype(np.float64)  # k x vocab
+    return x - _logsumexp(x, axis=1)[:, None]  # k x vocab
+
+
 def group_joint(logits: np.ndarray, log_prior: np.ndarray) -> np.ndarray:
     """log p_eta(z_j|x) + log_softmax(logits_j)[v] for the rows of one request, in float64."""
-    x = logits.astype(np.float64)  # k x vocab
-    log_p_rows = x - _logsumexp(x, axis=1)[:, None]  # k x vocab
-    return log_prior.astype(np.float64)[:, None] + log_p_rows  # k x vocab
+    return log_prior.astype(np.float64)[:, None] + row_log_softmax(logits)  # k x vocab
 
 
 def descending_order(log_p: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
@@ -198,9 +213,11 @@ def mixture_step(
     responsibility = np.empty(log_prior.shape[0], dtype=np.float32)
     top_ids = np.empty((n_groups, top_n), dtype=np.int64)
     top_logprobs = np.empty((n_groups, top_n), dtype=np.float32)
+    row_logprob = np.full(log_prior.shape[0], -np.inf, dtype=np.float64)
     for g in range(n_groups):
         rows = slice(offsets[g], offsets[g + 1])
-        joint = group_joint(logits[rows], log_prior[rows])  # k x vocab
+        log_p_rows = row_log_softmax(logits[rows])  # k x vocab
+        joint = log_prior[rows].astype(np.float64)[:, None] + log_p_rows  # k x vocab
         log_p_mix = _logsumexp(joint, axis=0)  # vocab
         if temperature[g] == 0:
             tok = int(np.argmax(log_p_mix))  # first maximum = lowest id on ties
@@ -212,6 +229,8 @@ def mixture_step(
         token[g] = tok
         logprob[g] = log_p_mix[tok]
         responsibility[rows] = np.exp(joint[:, tok] - log_p_mix[tok])  # k
+        finite = np.isfinite(log_prior[rows])  # k
+        row_logprob[rows] = np.where(finite, log_p_rows[:, tok], -np.inf)  # k
         if top_n:
             top = top_tokens(log_p_mix, top_n)
             # A vocabulary smaller than top_n: pad with id -1 and log-prob -inf.
@@ -219,7 +238,7 @@ def mixture_step(
             top_logprobs[g] = -np.inf
             top_ids[g, : top.shape[0]] = top
             top_logprobs[g, : top.shape[0]] = log_p_mix[top]
-    return StepResult(token, logprob, responsibility, top_ids, top_logprobs)
+    return StepResult(token, logprob, responsibility, top_ids, top_logprobs, row_logprob)
 
 
 def row_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
