@@ -60,7 +60,7 @@ def tiny_parts(tiny_generator_dir: Path, tiny_encoder_dir: Path, tiny_index_dir:
     return gen, enc, IndexBundle.load(tiny_index_dir, encoder_fingerprint=enc.fingerprint)
 
 
-def make_engine(parts, **config):
+def make_engine(parts, observer=None, step_gate=None, **config):
     """A started in-process Engine over `parts` with test limits; the caller shuts it down."""
     from ragmix.engine.engine import Engine, EngineConfig
     from ragmix.engine.params import Limits
@@ -69,7 +69,11 @@ def make_engine(parts, **config):
     gen, enc, idx = parts
     limits = Limits(max_top_k=8, default_top_k=3, max_new_tokens=64, default_max_new_tokens=16)
     engine = Engine(
-        gen, RetrievalBatcher(Retriever(enc, idx)), EngineConfig(limits=limits, **config)
+        gen,
+        RetrievalBatcher(Retriever(enc, idx), observer=observer),
+        EngineConfig(limits=limits, **config),
+        observer,
+        step_gate,
     )
     engine.start()
     return engine

@@ -51,11 +51,22 @@ class ServerConfig:
         default=64, metadata={"help": "requests waiting for admission; beyond: RESOURCE_EXHAUSTED"}
     )
     max_batch_rows: int = field(
-        default=64, metadata={"help": "passage rows in the running batch (K per request)"}
+        default=80,
+        metadata={
+            "help": "decode rows in the running batch (K per request, K x num_beams for "
+            "RAG-Sequence); 80 = 16 requests of K = 5"
+        },
     )
     max_batch_tokens: int = field(
         default=1 << 16,
         metadata={"help": "KV cache slots (rows x length) the running batch may reach"},
+    )
+    max_prefill_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "prompt tokens prefilled per step beside the decode rows (chunked prefill): "
+            "what one admission can add to the running streams' step time"
+        },
     )
     passage_cache_bytes: int = field(
         default=1 << 30,
@@ -94,6 +105,7 @@ class ServerConfig:
             "max_concurrent_requests",
             "max_batch_rows",
             "max_batch_tokens",
+            "max_prefill_tokens",
         )
         for name in positive:
             if getattr(self, name) < 1:

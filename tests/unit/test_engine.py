@@ -179,10 +179,10 @@ def test_cancel_frees_rows_at_the_next_step(engine):
         async for ev in agen:
             if isinstance(ev, TokenEvent):
                 break
-        assert engine._batch.rows == 4
+        assert engine.core.batch.rows == 4
         await agen.aclose()
         for _ in range(200):
-            if engine._batch.rows == 0:
+            if engine.core.batch.rows == 0:
                 return True
             await asyncio.sleep(0.01)
         return False
@@ -312,8 +312,7 @@ def test_kv_budget_holds_back_admission_and_refuses_what_cannot_fit(parts):
         for p in map(idx.passage, range(2))
         for q in QUESTIONS[:2]
     )
-    e = make_engine(parts, max_batch_tokens=2 * (longest + 8) + 10)
-    e.observer = Rows()
+    e = make_engine(parts, observer=Rows(), max_batch_tokens=2 * (longest + 8) + 10)
     try:
 
         async def both():

@@ -60,22 +60,22 @@ def _buffers(like: list[np.ndarray], rows: int, capacity: int) -> list[np.ndarra
     return [np.zeros((rows, a.shape[1], capacity, a.shape[3]), a.dtype) for a in like]
 
 
-def prefill(
+def run_rows(
     generator: Generator,
-    prompts: Sequence[Sequence[int]],
-    prefixes: Sequence[list[np.ndarray] | None] | None = None,
+    tokens: Sequence[Sequence[int]],
+    prefixes: Sequence[list[np.ndarray] | None],
+    logits_at: Sequence[Sequence[int]],
 ) -> tuple[np.ndarray, Batch]:
-    """Run the prompts in one pass and return their next-token logits and KV.
+    """One pass over rows of new tokens, row i continuing from prefixes[i] (its KV so far).
 
-    Row i continues from prefixes[i] when given (the cached KV of the tokens before prompts[i],
-    2*layers x [1, kv_heads, P_i, head_dim]); then only prompts[i] is computed. Cached prefixes are
-    right-aligned in a past of length max P_i, new tokens right-aligned after it; the mask skips the
-    padding between, and positions count only real slots, so a row computes exactly what it would
-    alone. The new tokens of row i occupy the last len(prompts[i]) slots of the returned batch.
-    The batch's `last` is unset (-1): the caller appends the token it picks from the logits.
+    prefixes[i]: 2*layers x [1, kv_heads, P_i, head_dim] or None. Cached prefixes are right-aligned
+    in a past of length max P_i, new tokens right-aligned after it; the mask skips the padding
+    between, and positions count only real slots, so a row computes exactly what it would alone.
+    logits_at[i]: indices into tokens[i] (non-empty) whose next-token logits are wanted. Returns
+    logits rows x W x V (W = the longest logits_at; shorter lists repeat their last index) and the
+    rows' KV as a batch whose `last` is unset (-1); `row_kv` takes one row's real slots out of it.
     """
-    n, s = len(prompts), max(len(p) for p in prompts)
-    prefixes = prefixes if prefixes is not None else [None] * n
+    n, s = len(tokens), max(len(t) for t in tokens)
     plen = [0 if x is None else x[0].shape[2] for x in prefixes]
     p = max(plen)
     past = generator.empty_cache(n)
@@ -87,12 +87,17 @@ def prefill(
                     layer[i, :, p - plen[i] :] = cached[0]  # kv_heads x P_i x head_dim
     ids = np.zeros((n, s), np.int64)  # rows x S
     mask = np.zeros((n, p + s), np.int64)  # rows x P+S
-    for i, tokens in enumerate(prompts):
-        ids[i, s - len(tokens) :] = tokens
+    width = max(len(w) for w in logits_at)
+    logits_index = np.empty((n, width), np.int64)  # rows x W
+    for i, row in enumerate(tokens):
+        pad = s - len(row)
+        ids[i, pad:] = row
         mask[i, p - plen[i] : p] = 1
-        mask[i, p + s - len(tokens) :] = 1
+        mask[i, p + pad :] = 1
+        at = np.asarray(logits_at[i], np.int64) + pad
+        logits_index[i, : at.size] = at
+        logits_index[i, at.size :] = at[-1]
     positions = positions_from_mask(mask, s)  # rows x S
-    logits_index = np.full((n, 1), s - 1, np.int64)  # rows x 1: the last prompt position
     logits, new = generator.forward_new(ids, mask, positions, past, logits_index)
     length = p + s
     buffers = _buffers(new, n, length + GROW)
@@ -101,9 +106,49 @@ def prefill(
         buf[:, :, p:length] = fresh
     full_mask = np.zeros((n, length + GROW), np.int64)
     full_mask[:, :length] = mask
-    lengths = np.array([a + len(b) for a, b in zip(plen, prompts, strict=True)], np.int64)
-    batch = Batch(buffers, full_mask, lengths, np.full(n, -1, np.int64), length)
+    lengths = np.array([a + len(b) for a, b in zip(plen, tokens, strict=True)], np.int64)
+    return logits, Batch(buffers, full_mask, lengths, np.full(n, -1, np.int64), length)
+
+
+def prefill(
+    generator: Generator,
+    prompts: Sequence[Sequence[int]],
+    prefixes: Sequence[list[np.ndarray] | None] | None = None,
+) -> tuple[np.ndarray, Batch]:
+    """Run whole prompts in one pass: their next-token logits (rows x V) and their KV.
+
+    Row i continues from prefixes[i] when given (see `run_rows`). The new tokens of row i occupy the
+    last len(prompts[i]) slots of the returned batch.
+    """
+    prefixes = prefixes if prefixes is not None else [None] * len(prompts)
+    logits, batch = run_rows(generator, prompts, prefixes, [[len(p) - 1] for p in prompts])
     return logits[:, 0, :], batch  # rows x V
+
+
+def row_kv(batch: Batch, row: int) -> list[np.ndarray]:
+    """A copy of one row's real (masked-in) slots: 2*layers x [1, kv_heads, n, head_dim]."""
+    used = np.flatnonzero(batch.mask[row, : batch.length])
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    if hi - lo == used.size:  # contiguous: one slice copy
+        return [np.ascontiguousarray(a[row : row + 1, :, lo:hi]) for a in batch.past]
+    return [a[row : row + 1][:, :, used] for a in batch.past]
+
+
+def from_rows(rows: Sequence[list[np.ndarray]], last: np.ndarray) -> Batch:
+    """A batch of the given rows' KV (each 2*layers x [1, kv_heads, n_i, head_dim]), right-aligned.
+
+    `last` [rows] is the token each row feeds next; its position is the row's length.
+    """
+    lengths = np.array([r[0].shape[2] for r in rows], np.int64)
+    t = int(lengths.max())
+    buffers = _buffers(rows[0], len(rows), t + GROW)
+    mask = np.zeros((len(rows), t + GROW), np.int64)
+    for i, row in enumerate(rows):
+        start = t - int(lengths[i])
+        for buf, layer in zip(buffers, row, strict=True):
+            buf[i, :, start:t] = layer[0]
+        mask[i, start:t] = 1
+    return Batch(buffers, mask, lengths, np.asarray(last, np.int64).copy(), t)
 
 
 def row_slots(batch: Batch, row: int, start: int, length: int) -> list[np.ndarray]:
@@ -111,30 +156,49 @@ def row_slots(batch: Batch, row: int, start: int, length: int) -> list[np.ndarra
     return [a[row : row + 1, :, start : start + length] for a in batch.past]
 
 
-def decode(generator: Generator, batch: Batch) -> np.ndarray:
-    """One token step for every row: feed `last`, write its KV into slot `length`, return logits.
+def decode_forward(
+    generator: Generator, batch: Batch, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One token step's pass for every row (or only `rows`): logits rows x V and the new KV.
 
-    The graph sees the whole buffer as the past (spare slots masked) and returns only the new
-    keys and values, so nothing of size rows x capacity is copied.
+    Nothing in the batch changes: `append` writes the new keys and values, so a pass that raises,
+    or whose results are thrown away, leaves the cache as it was. The graph sees the whole buffer
+    as the past (spare slots masked), so nothing of size rows x capacity is copied unless `rows`
+    picks a subset.
     """
-    n = batch.rows
-    if batch.length == batch.capacity:
-        _grow(batch)
-    mask = np.concatenate([batch.mask, np.ones((n, 1), np.int64)], axis=1)  # rows x capacity+1
+    past, mask, pos, last = batch.past, batch.mask, batch.next_pos, batch.last
+    if rows is not None:
+        past = [a[rows] for a in past]
+        mask, pos, last = mask[rows], pos[rows], last[rows]
+    n = mask.shape[0]
+    mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)  # rows x capacity+1
     logits, new = generator.forward_new(
-        batch.last[:, None],  # rows x 1
+        last[:, None],  # rows x 1
         mask,
-        batch.next_pos[:, None],  # rows x 1
-        batch.past,
+        pos[:, None],  # rows x 1
+        past,
         np.zeros((n, 1), np.int64),
     )
+    return logits[:, 0, :], new  # rows x V
+
+
+def append(batch: Batch, new: list[np.ndarray]) -> None:
+    """Write every row's new token KV (from `decode_forward`) into slot `length`, in place."""
+    if batch.length == batch.capacity:
+        _grow(batch)
     t = batch.length
     for buf, fresh in zip(batch.past, new, strict=True):
         buf[:, :, t] = fresh[:, :, 0]  # rows x kv_heads x head_dim
     batch.mask[:, t] = 1
     batch.length = t + 1
     batch.next_pos = batch.next_pos + 1
-    return logits[:, 0, :]  # rows x V
+
+
+def decode(generator: Generator, batch: Batch) -> np.ndarray:
+    """One token step for every row: feed `last`, write its KV into slot `length`, return logits."""
+    logits, new = decode_forward(generator, batch)
+    append(batch, new)
+    return logits  # rows x V
 
 
 def _grow(batch: Batch) -> None:
@@ -183,3 +247,20 @@ def select(batch: Batch, rows: np.ndarray) -> Batch:
     full_mask = np.zeros((len(rows), length + GROW), np.int64)
     full_mask[:, :length] = mask[:, start:]
     return Batch(buffers, full_mask, batch.next_pos[rows], batch.last[rows], length)
+
+
+def reorder(batch: Batch, rows: np.ndarray) -> Batch:
+    """`select` that works in place when the row count stays (beam search reorders its rows):
+    only the rows that change are copied, not the whole cache."""
+    rows = np.asarray(rows, np.int64)
+    if rows.shape[0] != batch.rows:
+        return select(batch, rows)
+    moved = np.flatnonzero(rows != np.arange(batch.rows))
+    if moved.size:
+        src = rows[moved]
+        for buf in batch.past:
+            buf[moved] = buf[src]  # the right side is gathered first, so overlaps are safe
+        batch.mask[moved] = batch.mask[src]
+        batch.next_pos[moved] = batch.next_pos[src]
+        batch.last[moved] = batch.last[src]
+    return batch

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from ragmix import paths
 from ragmix.config import ServerConfig
 from ragmix.engine.engine import Engine, EngineConfig
-from ragmix.engine.params import Limits
+from ragmix.engine.observer import EngineObserver
 from ragmix.engine.retrieval import RetrievalBatcher, Retriever
 from ragmix.index import IndexBundle
 from ragmix.index.bundle import ensure_default_index
@@ -19,24 +20,13 @@ from ragmix.models.generator import Generator
 LOG = logging.getLogger(__name__)
 
 
-def engine_config(config: ServerConfig) -> EngineConfig:
-    return EngineConfig(
-        limits=Limits(
-            max_top_k=config.max_top_k,
-            default_top_k=config.default_top_k,
-            max_new_tokens=config.max_new_tokens,
-            default_max_new_tokens=config.default_max_new_tokens,
-            max_query_chars=config.max_query_chars,
-        ),
-        max_concurrent_requests=config.max_concurrent_requests,
-        max_queued_requests=config.max_queued_requests,
-        max_batch_rows=config.max_batch_rows,
-        passage_cache_bytes=config.passage_cache_bytes,
-        max_batch_tokens=config.max_batch_tokens,
-    )
-
-
-def load_engine(config: ServerConfig) -> Engine:
+def load_engine(
+    config: ServerConfig,
+    observer: EngineObserver | None = None,
+    step_gate: Callable[[], None] | None = None,
+) -> Engine:
+    """Load the bundles named in `config` (or build the defaults) into an engine reporting to
+    `observer`."""
     cache = paths.cache_dir(config.cache_dir)
     threads = config.threads or None
     if config.generator is None or config.encoder is None:
@@ -57,4 +47,5 @@ def load_engine(config: ServerConfig) -> Engine:
         index.name,
         index.size,
     )
-    return Engine(generator, RetrievalBatcher(Retriever(encoder, index)), engine_config(config))
+    retrieval = RetrievalBatcher(Retriever(encoder, index), observer=observer)
+    return Engine(generator, retrieval, EngineConfig.from_server(config), observer, step_gate)

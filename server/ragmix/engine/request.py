@@ -1,4 +1,15 @@
-"""One request inside the engine: its passage rows, its decoding state and its event sink."""
+"""Requests inside the engine: each kind is rows of the running batch with its own bookkeeping.
+
+- `TokenRequest` (RAG-Token, Concat): K (or 1) prompt rows prefilled, then decoded together; the
+  mixture kernel picks one token per request per step.
+- `SequenceRequest` (RAG-Sequence): the active passages' prompts prefilled, then every passage's
+  beams are rows; after the beams end, "thorough" rescoring is more prefill rows; the answer is
+  streamed at the end.
+- `ScoreRequest`: prefill rows only (prompt + answer), log-probs of the answer tokens.
+
+Only the engine thread touches a request's state after admission; `emit` hands events (or an
+exception, or the Score result) back to the asyncio side thread-safely.
+"""
 
 from __future__ import annotations
 
@@ -12,44 +23,100 @@ import numpy as np
 from ragmix.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from ragmix.engine.outputs import (
     DoneEvent,
-    Event,
     FinishReason,
     RetrievedPassage,
+    ScoredSequence,
     Timings,
     TokenEvent,
     Usage,
 )
 from ragmix.engine.params import DecodingParams, Mixture
+from ragmix.engine.prefill import PrefillRow
 from ragmix.engine.prompts import PromptTokens
+from ragmix.engine.score import ScoreResult, score_result
+from ragmix.engine.sequence import (
+    BeamState,
+    Candidates,
+    SequenceAnswer,
+    candidates,
+    fast_logprobs,
+    marginalize,
+    rescoring_rows,
+    thorough_table,
+)
+
+Sink = Callable[[object], None]  # thread-safe: an Event, a ScoreResult or an exception
 
 
 @dataclass(eq=False)
 class Request:
+    """What every kind shares: identity, its sink, its prompts, its rows and timings."""
+
     id: str
-    mixture: Mixture
-    decoding: DecodingParams
-    passages: list[RetrievedPassage]
-    prompts: list[PromptTokens]  # one per row: K for TOKEN, 1 for CONCAT
-    log_prior: np.ndarray  # rows, float32: log p_eta(z_j|x) (0 for the single CONCAT row)
-    emit: Callable[[Event | BaseException], None]  # thread-safe: hands an event to the caller
-    decode_text: Callable[[list[int]], str]
-    eos_ids: frozenset[int]
+    emit: Sink
+    prompts: list[PromptTokens]  # the prompt rows it prefills first
     arrival: float  # perf_counter at arrival
     retrieval_ms: float
-    rng: np.random.Generator = field(init=False)
+    max_new_tokens: int  # the most tokens a decode row gains (0: never decodes)
+    max_rows: int  # the most decode rows it holds at once (admission reserves these)
     cancelled: bool = False
+    prefill: list[PrefillRow] = field(default_factory=list)  # rows being prefilled, in order
+    rows: int = 0  # rows it holds in the decode batch
+    admitted: float = 0.0
+    prefill_ms: float = 0.0
+    cached_prompt_tokens: int = 0
+    outbox: list[object] = field(default_factory=list)  # events of this step, sent after it
+
+    def flush(self) -> None:
+        """Send this step's events: after the step, so a client that sees a token sees the
+        engine's state after it."""
+        for item in self.outbox:
+            self.emit(item)
+        self.outbox.clear()
+
+    @property
+    def max_length(self) -> int:
+        """The longest a row of this request can grow: its longest prompt + new tokens."""
+        return max(len(p.ids) for p in self.prompts) + self.max_new_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.ids) for p in self.prompts)
+
+    @property
+    def prefilled(self) -> bool:
+        return all(r.finished for r in self.prefill)
+
+    @property
+    def starts_decoding(self) -> bool:
+        """Whether finishing its prefill rows starts its decoding (not Score, not rescoring)."""
+        return False
+
+    def prefill_done(self, now: float) -> None:
+        self.prefill_ms = (now - self.admitted) * 1e3
+
+
+@dataclass(eq=False)
+class TokenRequest(Request):
+    """RAG-Token or Concat: one token per step for all its rows, streamed as it is chosen."""
+
+    mixture: Mixture = Mixture.TOKEN
+    decoding: DecodingParams = field(default_factory=DecodingParams)
+    passages: list[RetrievedPassage] = field(default_factory=list)
+    log_prior: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))  # rows
+    decode_text: Callable[[list[int]], str] = lambda ids: ""
+    eos_ids: frozenset[int] = frozenset()
+    rng: np.random.Generator = field(init=False)
     # Decoding state, owned by the engine thread.
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     seq_logp: np.ndarray = field(init=False)  # rows, float64: sum_i log p_j(y_i | x, z_j, y_<i)
-    admitted: float = 0.0
-    prefill_ms: float = 0.0
     first_token: float = 0.0
     last_token_time: float = 0.0
-    cached_prompt_tokens: int = 0
     finish_reason: str = ""
     final_posterior: list[float] | None = None  # set by RAG-Sequence, which knows it up front
-    sequences: list = field(default_factory=list)  # RAG-Sequence: ranked candidates for Done
+    sequences: list[ScoredSequence] = field(default_factory=list)  # RAG-Sequence candidates
+    _uniform: float | None = None
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.decoding.seed)
@@ -58,30 +125,28 @@ class Request:
         self._stop = StopMatcher(self.decoding.stop)
 
     @property
-    def rows(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        return max(len(p.ids) for p in self.prompts)
+    def starts_decoding(self) -> bool:
+        return not self.tokens
 
     @property
     def remaining_tokens(self) -> int:
         return self.decoding.max_new_tokens - len(self.tokens)
 
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p.ids) for p in self.prompts)
-
     def draw(self) -> float:
-        """This step's U(0,1) for sampling, from the request's own seeded generator."""
-        return float(self.rng.random()) if not self.decoding.greedy else 0.5
+        """The U(0,1) for the next token, from the request's own seeded generator. Drawn once per
+        token: a step that is thrown away and run again sees the same number."""
+        if self.decoding.greedy:
+            return 0.5
+        if self._uniform is None:
+            self._uniform = float(self.rng.random())
+        return self._uniform
 
     def on_token(
         self,
         token: int,
         logprob: float,
         responsibility: np.ndarray,  # rows
+        row_logprob: np.ndarray,  # rows: log p_j(token | x, z_j, y_<i)
         top: list[tuple[int, str, float]],
     ) -> bool:
         """Record the chosen token and stream it; True when the request is finished."""
@@ -89,12 +154,10 @@ class Request:
         if not self.tokens:
             self.first_token = now
         self.last_token_time = now
+        self._uniform = None
         self.tokens.append(token)
         if self.mixture is Mixture.TOKEN:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                # r_j = pi_j p_j(y) / p_mix(y)  =>  log p_j(y) = log r_j + log p_mix(y) - log pi_j
-                row = np.log(responsibility.astype(np.float64)) + logprob - self.log_prior
-            self.seq_logp += np.where(np.isfinite(self.log_prior), row, 0.0)
+            self.seq_logp += np.where(np.isfinite(self.log_prior), row_logprob, 0.0)
         finish: FinishReason | None = None
         if token in self.eos_ids:
             piece, finish = self._stop.flush(), FinishReason.EOS
@@ -106,10 +169,10 @@ class Request:
                 piece, finish = piece + self._stop.flush(), FinishReason.LENGTH
         self.text.append(piece)
         resp = [] if self.mixture is Mixture.CONCAT else [float(r) for r in responsibility]
-        self.emit(TokenEvent(token, piece, float(logprob), resp, top))
+        self.outbox.append(TokenEvent(token, piece, float(logprob), resp, top))
         if finish is not None:
             self.finish_reason = finish.name.lower()
-            self.emit(self._done(finish, now))
+            self.outbox.append(self._done(finish, now))
         return finish is not None
 
     def posterior(self) -> list[float]:
@@ -121,7 +184,7 @@ class Request:
         z = self.log_prior.astype(np.float64) + self.seq_logp
         m = np.max(z)
         if not math.isfinite(m):
-            return [1.0 / self.rows] * self.rows
+            return [1.0 / len(z)] * len(z)
         p = np.exp(z - m)
         return (p / p.sum()).tolist()
 
@@ -141,3 +204,114 @@ class Request:
             self.posterior(),
             self.sequences,
         )
+
+
+@dataclass(eq=False)
+class SequenceRequest(TokenRequest):
+    """RAG-Sequence: beam search per passage as batch rows, then marginalisation (sequence.py)."""
+
+    norm_prior: np.ndarray = field(default_factory=lambda: np.zeros(1))  # K, float64, normalised
+    active: list[int] = field(default_factory=list)  # passages with a prior > 0
+    beams: list[BeamState] = field(default_factory=list)  # one per active passage
+    row_beam: list[int] = field(default_factory=list)  # per decode row: its index into `beams`
+    steps: int = 0  # beam steps taken
+    prompt_kv: list[list[np.ndarray]] = field(default_factory=list)  # per active passage
+    found: Candidates = field(default_factory=dict)
+    rescoring: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def starts_decoding(self) -> bool:
+        return self.steps == 0
+
+    @property
+    def thorough(self) -> bool:
+        return not self.decoding.fast_sequence_decoding
+
+    def advance(self, logp: np.ndarray, eos: np.ndarray) -> tuple[list[int], list[int]]:
+        """One beam step over this request's rows (logp: rows x V, rows grouped by beam state);
+        returns the parent row and the appended token of every next row."""
+        num_beams = self.decoding.num_beams
+        last = self.steps + 1 == self.decoding.max_new_tokens
+        parents: list[int] = []
+        tokens: list[int] = []
+        row_beam: list[int] = []
+        offset = 0
+        for b, state in enumerate(self.beams):
+            width = self.row_beam.count(b)
+            if state.done:
+                offset += width
+                continue
+            up, toks = state.advance(
+                logp[offset : offset + width], self.steps, last, eos, num_beams
+            )
+            if not state.done:
+                parents += [offset + p for p in up]
+                tokens += toks
+                row_beam += [b] * len(up)
+            offset += width
+        self.steps += 1
+        self.row_beam = row_beam
+        return parents, tokens
+
+    def beams_done(self) -> bool:
+        return all(s.done for s in self.beams)
+
+    def rescoring_prefill(self) -> list[PrefillRow]:
+        """ "thorough": every candidate under every passage, continuing from that passage's prompt
+        KV (all but its last token, which predicts the candidate's first)."""
+        self.found = candidates(self.active, [s.finished for s in self.beams])
+        self.rescoring = rescoring_rows(self.active, self.found)
+        at = {j: i for i, j in enumerate(self.active)}
+        rows = []
+        for j, key in self.rescoring:
+            past = self.prompt_kv[at[j]]
+            rows.append(
+                PrefillRow(
+                    [self.prompts[j].ids[-1], *key],
+                    [a[:, :, :-1] for a in past],
+                    scored=len(key),
+                )
+            )
+        return rows
+
+    def answer(self) -> SequenceAnswer:
+        """Marginalise over the candidates: rescored (thorough) or as the beams scored them."""
+        k = len(self.prompts)
+        if self.thorough:
+            flat = [np.array(r.logprobs) for r in self.prefill]
+            lps = thorough_table(flat, self.active, self.found, k)
+        else:
+            self.found = candidates(self.active, [s.finished for s in self.beams])
+            lps = fast_logprobs(self.found, k)
+        return marginalize(self.found, lps, self.norm_prior, self.decoding.num_return_sequences)
+
+    def stream_answer(self, answer: SequenceAnswer) -> None:
+        """Stream the chosen answer token by token, then Done with the ranked candidates."""
+        self.final_posterior = [float(p) for p in answer.posterior]
+        self.sequences = [
+            ScoredSequence(
+                # A trailing partial UTF-8 character is not text (the stream holds it back too).
+                self.decode_text([t for t in c.ids if t not in self.eos_ids]).rstrip("\ufffd"),
+                c.ids,
+                c.logprob,
+                [float(p) for p in c.posterior],
+            )
+            for c in answer.ranked
+        ]
+        rows = np.zeros(len(self.prompts))
+        for i, token in enumerate(answer.ids):
+            lp = float(answer.token_logprobs[i])
+            if self.on_token(token, lp, answer.responsibilities[i], rows, []):
+                return
+
+
+@dataclass(eq=False)
+class ScoreRequest(Request):
+    """log p(answer | question) under TOKEN, SEQUENCE and CONCAT: K passage rows + a Concat row."""
+
+    answer_ids: list[int] = field(default_factory=list)
+    norm_prior: np.ndarray = field(default_factory=lambda: np.zeros(1))  # K, float64
+
+    def result(self) -> ScoreResult:
+        lp = np.stack([np.array(r.logprobs) for r in self.prefill])  # K+1 x N
+        return score_result(self.answer_ids, lp, self.norm_prior)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ragmix.engine.observer import EngineObserver
 from ragmix.engine.outputs import RetrievedPassage
 from ragmix.engine.params import RetrievalParams
 from ragmix.errors import UnavailableError
@@ -81,7 +82,9 @@ class Retriever:
 class RetrievalBatcher:
     """A worker thread that drains the queue and retrieves everything waiting in one batch."""
 
-    def __init__(self, retriever: Retriever, max_batch: int = 64) -> None:
+    def __init__(
+        self, retriever: Retriever, max_batch: int = 64, observer: EngineObserver | None = None
+    ) -> None:
         self.retriever = retriever
         self.max_batch = max_batch
         self._queue: queue.Queue[
@@ -90,7 +93,7 @@ class RetrievalBatcher:
         ] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ragmix-retrieval", daemon=True)
         self._closed = False
-        self.on_batch = None  # optional callback(batch_size, seconds) for metrics
+        self.observer = observer or EngineObserver()
         self._thread.start()
 
     async def retrieve(self, params: RetrievalParams) -> tuple[list[RetrievedPassage], float]:
@@ -135,8 +138,7 @@ class RetrievalBatcher:
                     f.set_exception(e)
                 continue
             ms = (time.perf_counter() - t0) * 1e3
-            if self.on_batch is not None:
-                self.on_batch(len(batch), ms / 1e3)
+            self.observer.on_retrieval(len(batch), ms / 1e3)
             for (_, f), res in zip(batch, results, strict=True):
                 if isinstance(res, Exception):
                     f.set_exception(res)

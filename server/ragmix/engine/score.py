@@ -220,7 +220,13 @@ def score_answer(
     prompts = passage_prompts(generator, template, passages, question)
     prompts.append(tokenize_prompt(template, generator.encode, concat_text(passages), question).ids)
     lp = np.stack(continuation_logprobs(generator, prompts, [answer_ids] * len(prompts)))  # K+1 x N
-    k = len(passages)
+    return score_result(answer_ids, lp, log_prior)
+
+
+def score_result(answer_ids: list[int], lp: np.ndarray, log_prior: np.ndarray) -> ScoreResult:
+    """The three mixtures from lp [K+1, N] (the K passage rows, then the Concat row) and the
+    normalised log prior [K]."""
+    k = log_prior.shape[0]
     return ScoreResult(
         answer_ids=answer_ids,
         token=token_mixture(lp[:k], log_prior),

@@ -83,8 +83,9 @@ class RankedSequence:
     posterior: np.ndarray  # K: p(z_j | x, y)
 
 
-class _Beams:
-    """The beam search state of one prompt."""
+class BeamState:
+    """The beam search state of one prompt (one passage): the standalone `beam_search` and the
+    engine, whose beams are rows of the running batch, advance it the same way."""
 
     def __init__(self) -> None:
         self.live: list[list[int]] = [[]]  # running beams' tokens
@@ -133,7 +134,8 @@ class _Beams:
         return [int(parents[r]) for r in running], [int(tokens[r]) for r in running]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64: rows x V."""
     x = logits.astype(np.float64)  # rows x V
     return x - logsumexp(x, axis=1)[:, None]
 
@@ -164,11 +166,11 @@ def beam_search(
             f"generator's context of {generator.max_positions} tokens; ask for fewer tokens.",
         )
     eos = np.array(sorted(generator.eos_token_ids), np.int64)
-    states = [_Beams() for _ in prompts]
+    states = [BeamState() for _ in prompts]
     logits, batch = kv.prefill(generator, prompts)  # rows x V: one row per prompt to start
     for step in range(max_new_tokens):
         last = step + 1 == max_new_tokens
-        logp = _log_softmax(logits)  # rows x V
+        logp = log_softmax(logits)  # rows x V
         rows: list[int] = []
         tokens: list[int] = []
         offset = 0
@@ -216,28 +218,72 @@ def rag_sequence(
     active = [int(j) for j in np.flatnonzero(np.isfinite(log_prior))]
     beams = beam_search(generator, [prompts[j] for j in active], num_beams, max_new_tokens)
 
-    # Distinct candidates (exact token match, the EOS included), with each passage's beam result.
-    found: dict[tuple[int, ...], dict[int, Hypothesis]] = {}
+    found = candidates(active, beams)
+    lps = (
+        thorough_logprobs(generator, prompts, active, found, k)
+        if mode == "thorough"
+        else fast_logprobs(found, k)
+    )
+    return marginalize(found, lps, log_prior, num_return_sequences)
+
+
+Candidates = dict[tuple[int, ...], dict[int, Hypothesis]]
+
+
+def candidates(active: Sequence[int], beams: Sequence[list[Hypothesis]]) -> Candidates:
+    """Distinct hypotheses (exact token match, the EOS included), with each passage's beam result."""
+    found: Candidates = {}
     for j, hyps in zip(active, beams, strict=True):
         for h in hyps:
             found.setdefault(tuple(h.scored_ids), {})[j] = h
-    keys = list(found)
+    return found
 
-    if mode == "thorough":
-        rows = [(prompts[j], list(key)) for key in keys for j in active]
-        flat = continuation_logprobs(generator, [p for p, _ in rows], [c for _, c in rows])
-        lps = []
-        for c, key in enumerate(keys):
-            lp = np.zeros((k, len(key)))  # K x N (rows of inactive passages meet a -inf prior)
-            lp[active] = np.stack(flat[c * len(active) : (c + 1) * len(active)])
-            lps.append(lp)
-    else:
-        lps = []
-        for key in keys:
-            lp = np.full((k, len(key)), -np.inf)  # K x N: log 0 where the beam lacks it
-            for j, h in found[key].items():
-                lp[j] = h.token_logprobs
-            lps.append(lp)
+
+def rescoring_rows(active: Sequence[int], found: Candidates) -> list[tuple[int, tuple[int, ...]]]:
+    """(passage, candidate) of every "thorough" rescoring row, candidate-major."""
+    return [(j, key) for key in found for j in active]
+
+
+def thorough_table(
+    flat: Sequence[np.ndarray], active: Sequence[int], found: Candidates, k: int
+) -> list[np.ndarray]:
+    """Per candidate, K x N log-probs from the rescoring rows' results (in `rescoring_rows` order);
+    passages without a beam search (a -inf prior) keep rows of 0 that the prior removes."""
+    lps = []
+    for c, key in enumerate(found):
+        lp = np.zeros((k, len(key)))  # K x N
+        lp[list(active)] = np.stack(flat[c * len(active) : (c + 1) * len(active)])
+        lps.append(lp)
+    return lps
+
+
+def thorough_logprobs(
+    generator: Generator, prompts: list[list[int]], active: Sequence[int], found: Candidates, k: int
+) -> list[np.ndarray]:
+    """ "thorough": every candidate scored under every passage (one batched pass)."""
+    rows = rescoring_rows(active, found)
+    flat = continuation_logprobs(generator, [prompts[j] for j, _ in rows], [c for _, c in rows])
+    return thorough_table(flat, active, found, k)
+
+
+def fast_logprobs(found: Candidates, k: int) -> list[np.ndarray]:
+    """ "fast": a candidate's log-probs under passage j are its beam's, or log 0 where passage j's
+    beams did not produce it."""
+    lps = []
+    for key, by_passage in found.items():
+        lp = np.full((k, len(key)), -np.inf)  # K x N
+        for j, h in by_passage.items():
+            lp[j] = h.token_logprobs
+        lps.append(lp)
+    return lps
+
+
+def marginalize(
+    found: Candidates, lps: list[np.ndarray], log_prior: np.ndarray, num_return_sequences: int
+) -> SequenceAnswer:
+    """The answer with the highest log p(y|x) = logsumexp_j [log prior_j + sum_i lp_j[i]], and the
+    best `num_return_sequences` candidates ranked (log_prior: normalised, K)."""
+    keys = list(found)
     marginals = [logsumexp(log_prior + lp.sum(axis=1), axis=0) for lp in lps]
     best = int(np.argmax(marginals))  # first on ties
     lp = lps[best]

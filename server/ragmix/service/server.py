@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -53,8 +54,12 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
     )
 
 
-async def serve(config: ServerConfig) -> None:
-    """Load the bundles, serve until SIGTERM/SIGINT, then drain and exit."""
+async def serve(config: ServerConfig, step_gate: Callable[[], None] | None = None) -> None:
+    """Load the bundles, serve until SIGTERM/SIGINT, then drain and exit.
+
+    step_gate, when given, is called on the engine thread before every step (tests hold streams
+    open with it).
+    """
     configure_logs(config.log_format)
     # Credentials, tokens and the metrics port are checked before the slow model load.
     credentials = server_credentials(config)
@@ -68,10 +73,7 @@ async def serve(config: ServerConfig) -> None:
         serve_metrics(registry, config.host, config.metrics_port) if config.metrics_port else None
     )
 
-    engine = await asyncio.to_thread(load_engine, config)
-    engine.observer = observer
-    if engine.retrieval.on_batch is None:
-        engine.retrieval.on_batch = observer.on_retrieval
+    engine = await asyncio.to_thread(load_engine, config, observer, step_gate)
     engine.start()
 
     observing = ObservingInterceptor(SERVICE_NAME, rpc_metrics)

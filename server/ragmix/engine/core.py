@@ -1,0 +1,520 @@
+"""The engine core: one thread owns the generator and runs every request as rows of one step.
+
+    step = schedule  (drop cancelled, admit, pick this step's prefill chunk)
+         → forward   (one generator pass over the decode rows, one over the prefill chunk)
+         → mix       (one kernel call per row-group kind: RAG-Token/Concat mixture, beam log-probs)
+         → update    (write KV, stream tokens, advance beams, finish Score/rescoring, retire rows)
+
+Forward and mix change nothing, so a step that raises is thrown away whole: each request's rows
+are then run alone through forward and mix, the requests that raise alone end with the error and
+the rest carry on at the next step (`_isolate`). Nothing is lost either way: every request popped
+from the queue ends with its answer or a status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ragmix import kernels
+from ragmix.engine import kv
+from ragmix.engine.observer import EngineObserver
+from ragmix.engine.prefill import Chunk, ChunkOutput, PrefillRow, commit_chunk, run_chunk
+from ragmix.engine.prefix_cache import PassageCache, prefix_key
+from ragmix.engine.request import Request, ScoreRequest, SequenceRequest, TokenRequest
+from ragmix.engine.scheduler import Scheduler, SchedulerLimits
+from ragmix.engine.sequence import log_softmax
+from ragmix.errors import UnavailableError
+from ragmix.models.generator import Generator
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class StepPlan:
+    """What one step runs: the decoding requests' batch rows and the prefill chunk."""
+
+    decoding: list[Request]  # requests with decode rows, in batch order
+    offsets: np.ndarray  # decoding[g] owns batch rows offsets[g]:offsets[g+1]
+    chunk: Chunk
+    chunk_owner: list[Request]  # per chunk row
+    starting: list[Request]  # requests whose prompts all end with this chunk: they decode next
+    rows: np.ndarray | None = None  # batch rows to run; None = all (a probe runs a subset)
+
+    @property
+    def requests(self) -> list[Request]:
+        seen = dict.fromkeys([*self.decoding, *self.chunk_owner])
+        return list(seen)
+
+    def only(self, r: Request) -> StepPlan:
+        """The same step restricted to one request's rows (to find which request fails)."""
+        decoding, rows = [], np.zeros(0, np.int64)
+        if r in self.decoding:
+            g = self.decoding.index(r)
+            decoding, rows = [r], np.arange(self.offsets[g], self.offsets[g + 1])
+        keep = [i for i, o in enumerate(self.chunk_owner) if o is r]
+        chunk = Chunk([self.chunk.rows[i] for i in keep], [self.chunk.counts[i] for i in keep])
+        offsets = np.array([0, rows.size], np.int64) if decoding else np.zeros(1, np.int64)
+        starting = [r] if r in self.starting else []
+        return StepPlan(decoding, offsets, chunk, [r] * len(keep), starting, rows)
+
+
+@dataclass
+class ForwardOutput:
+    logits: np.ndarray  # decode rows x V
+    new_kv: list[np.ndarray]  # 2*layers x [decode rows, kv_heads, 1, head_dim]
+    chunk: ChunkOutput | None
+
+
+@dataclass
+class Mixed:
+    """The mix phase's results, per request."""
+
+    tokens: dict[int, tuple] = field(default_factory=dict)  # id(TokenRequest) -> token results
+    beams: dict[int, np.ndarray] = field(default_factory=dict)  # id(SequenceRequest) -> logp
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    limits: SchedulerLimits
+    passage_cache_bytes: int  # 0 = off
+
+
+class EngineCore:
+    def __init__(
+        self,
+        generator: Generator,
+        config: CoreConfig,
+        observer: EngineObserver | None = None,
+        step_gate: Callable[[], None] | None = None,
+    ) -> None:
+        self.generator = generator
+        self.observer = observer or EngineObserver()
+        self.scheduler = Scheduler(config.limits)
+        self.passage_cache = (
+            PassageCache(config.passage_cache_bytes) if config.passage_cache_bytes > 0 else None
+        )
+        # Called before every step that has work: tests hold a stream open with it.
+        self.step_gate = step_gate
+        self.running: list[Request] = []  # admitted, in admission order
+        self.batch = kv.Batch.empty(generator)  # decode rows, grouped by request in running order
+        self.eos = np.array(sorted(generator.eos_token_ids), np.int64)
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="ragmix-engine", daemon=True)
+
+    # ----------------------------------------------------------------- any thread
+
+    def start(self) -> None:
+        kernels.warmup()
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (OverloadedError when the queue is full)."""
+        with self._cv:
+            self.scheduler.check_capacity(len(self.running))
+            self.scheduler.waiting.append(request)
+            self._cv.notify()
+
+    def check_capacity(self) -> None:
+        with self._cv:
+            self.scheduler.check_capacity(len(self.running))
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def in_flight(self) -> int:
+        with self._cv:
+            return len(self.scheduler.waiting) + len(self.running)
+
+    def stop(self) -> None:
+        """Stop the loop; requests still in flight end with UNAVAILABLE."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    # ----------------------------------------------------------------- the engine thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self.scheduler.waiting or self.running or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            if self.step_gate is not None:
+                self.step_gate()
+            try:
+                self.step()
+            except Exception as e:  # a bug outside forward/mix: end everything in flight, go on
+                LOG.exception("engine step failed; failing %d requests", len(self.running))
+                for r in list(self.running):
+                    self._end(r, e)
+                self.batch = kv.Batch.empty(self.generator)
+        err = UnavailableError("the server shut down before this request finished.")
+        with self._cv:
+            for r in [*self.running, *self.scheduler.waiting]:
+                r.emit(err)
+            self.running, self.scheduler.waiting = [], type(self.scheduler.waiting)()
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        # 1. schedule: drop cancelled requests, admit waiting ones, choose the prefill chunk
+        plan = self._schedule()
+        if plan is None:
+            return
+        try:
+            # 2. forward: one pass over all decode rows, one over the prefill chunk (pure)
+            out = self._forward(plan)
+            # 3. mix: one kernel call per row-group kind (pure)
+            mixed = self._mix(plan, out)
+        except Exception as err:
+            self._isolate(plan, err)
+            return
+        # 4. update: write KV, stream, advance beams, finish prefill-only work, retire rows
+        self._update(plan, out, mixed)
+        self.observer.on_step(int(plan.offsets[-1]), len(plan.requests), time.perf_counter() - t0)
+        self._report_queue()
+
+    # ----------------------------------------------------------------- 1. schedule
+
+    def _schedule(self) -> StepPlan | None:
+        self._drop_cancelled()
+        with self._cv:
+            new = self.scheduler.admit(self.running)
+        self.running.extend(new)
+        for r in new:
+            try:
+                self._start_prefill(r)
+            except Exception as e:  # a bug in building its rows: it alone ends
+                LOG.exception("request %s could not start", r.id)
+                self._end(r, e)
+        if not self.running:
+            self._report_queue()
+            return None
+        decoding = [r for r in self.running if r.rows]
+        offsets = np.zeros(len(decoding) + 1, np.int64)
+        np.cumsum([r.rows for r in decoding], out=offsets[1:])
+        chunk, owner = self.scheduler.chunk(self.running)
+        return StepPlan(decoding, offsets, chunk, owner, self._starting(chunk, owner))
+
+    @staticmethod
+    def _starting(chunk: Chunk, owner: list[Request]) -> list[Request]:
+        """Requests about to decode whose last pending prompt rows this chunk completes."""
+        piece = {id(row): n for row, n in zip(chunk.rows, chunk.counts, strict=True)}
+        return [
+            r
+            for r in dict.fromkeys(owner)
+            if r.starts_decoding
+            and all(row.remaining == piece.get(id(row), 0) for row in r.prefill)
+        ]
+
+    def _start_prefill(self, r: Request) -> None:
+        """The request's prompt rows, each continuing from its cached passage prefix if held."""
+        r.admitted = time.perf_counter()
+        keep = not isinstance(r, ScoreRequest)
+        suffix = r.answer_ids if isinstance(r, ScoreRequest) else []
+        prompts = r.prompts
+        if isinstance(r, SequenceRequest):
+            prompts = [r.prompts[j] for j in r.active]
+        hits = 0
+        for p in prompts:
+            key = prefix_key(self.generator.fingerprint, p.passage) if p.passage else None
+            cached = self.passage_cache.get(key) if self.passage_cache and key else None
+            if cached is not None:
+                hits += 1
+                r.cached_prompt_tokens += len(p.passage)
+                row = PrefillRow(p.rest + suffix, cached.past, len(suffix), keep, keep)
+            else:
+                row = PrefillRow(p.ids + suffix, None, len(suffix), keep, keep, key, p.passage)
+            r.prefill.append(row)
+        if self.passage_cache is not None:
+            cache = self.passage_cache
+            self.observer.on_passage_cache(hits, len(prompts) - hits, cache.bytes, len(cache))
+
+    def _drop_cancelled(self) -> None:
+        gone = [r for r in self.running if r.cancelled]
+        for r in gone:
+            LOG.info("request %s cancelled", r.id)
+            self._retire(r)
+            self.observer.on_finish("cancelled", len(getattr(r, "tokens", ())))
+
+    # ----------------------------------------------------------------- 2. forward
+
+    def _forward(self, plan: StepPlan) -> ForwardOutput:
+        if plan.decoding:
+            logits, new = kv.decode_forward(self.generator, self.batch, plan.rows)
+        else:
+            logits, new = np.zeros((0, self.generator.vocab_size), np.float32), []
+        chunk = None
+        if plan.chunk.rows:
+            t = time.perf_counter()
+            chunk = run_chunk(self.generator, plan.chunk)
+            cached = sum(row.prefix_len for row in plan.chunk.rows if row.done == 0)
+            self.observer.on_prefill(
+                len(plan.chunk.rows), sum(plan.chunk.counts), cached, time.perf_counter() - t
+            )
+        return ForwardOutput(logits, new, chunk)
+
+    # ----------------------------------------------------------------- 3. mix
+
+    def _mix(self, plan: StepPlan, out: ForwardOutput) -> Mixed:
+        mixed = Mixed()
+        token_groups, beam_groups = [], []
+        for g, r in enumerate(plan.decoding):
+            rows = out.logits[plan.offsets[g] : plan.offsets[g + 1]]  # rows x V
+            (beam_groups if isinstance(r, SequenceRequest) else token_groups).append((r, rows))
+        for r in plan.starting:
+            rows = self._first_logits(r, plan, out)  # prompt rows x V
+            (beam_groups if isinstance(r, SequenceRequest) else token_groups).append((r, rows))
+        if token_groups:
+            mixed.tokens = self._mix_tokens(token_groups)
+        for r, rows in beam_groups:
+            mixed.beams[id(r)] = log_softmax(rows)  # beam rows x V
+        return mixed
+
+    def _first_logits(self, r: Request, plan: StepPlan, out: ForwardOutput) -> np.ndarray:
+        """The logits after each prompt row's last token: this chunk's, or an earlier chunk's."""
+        assert out.chunk is not None
+        at = {id(row): i for i, row in enumerate(plan.chunk.rows)}
+        rows = []
+        for row in r.prefill:
+            i = at.get(id(row))
+            last = None if i is None else out.chunk.logits[i, len(out.chunk.wanted[i]) - 1]
+            rows.append(row.logits if last is None else last)
+        return np.stack(rows)
+
+    def _mix_tokens(self, groups: list[tuple[TokenRequest, np.ndarray]]) -> dict[int, tuple]:
+        """The mixture kernel over every RAG-Token and Concat request of the step, in one call."""
+        reqs = [r for r, _ in groups]
+        logits = np.concatenate([rows for _, rows in groups]) if len(groups) > 1 else groups[0][1]
+        logits = np.array(logits, np.float32)  # rows x V (a copy: EOS masking writes into it)
+        offsets = np.zeros(len(reqs) + 1, np.int64)
+        np.cumsum([rows.shape[0] for _, rows in groups], out=offsets[1:])
+        eos = self.eos
+        for g, r in enumerate(reqs):  # min_new_tokens: no EOS yet, in any passage's distribution
+            if len(r.tokens) < r.decoding.min_new_tokens:
+                logits[offsets[g] : offsets[g + 1], eos] = -np.inf
+        res = kernels.mixture_step(
+            logits,
+            np.concatenate([r.log_prior for r in reqs]),
+            offsets,
+            np.array([r.decoding.temperature for r in reqs], np.float32),
+            np.array([r.decoding.top_k for r in reqs], np.int32),
+            np.array([r.decoding.top_p for r in reqs], np.float32),
+            np.array([r.draw() for r in reqs], np.float64),
+            max(r.decoding.top_n for r in reqs),
+        )
+        out = {}
+        for g, r in enumerate(reqs):
+            a, b, n = offsets[g], offsets[g + 1], r.decoding.top_n
+            top = [
+                (i, "", lp)  # the front door detokenises alternatives, off this thread
+                for i, lp in zip(
+                    res.top_ids[g, :n].tolist(), res.top_logprobs[g, :n].tolist(), strict=True
+                )
+                if i >= 0
+            ]
+            out[id(r)] = (
+                int(res.token[g]),
+                float(res.logprob[g]),
+                res.responsibility[a:b],
+                _row_logprob(res, logits, a, b, int(res.token[g])),
+                top,
+            )
+        return out
+
+    # ----------------------------------------------------------------- 4. update
+
+    def _update(self, plan: StepPlan, out: ForwardOutput, mixed: Mixed) -> None:
+        if plan.decoding:
+            kv.append(self.batch, out.new_kv)
+        if out.chunk is not None:
+            commit_chunk(plan.chunk, out.chunk, self.passage_cache)
+        keep: list[int] = []  # batch rows that go on, in their new order
+        feed: list[int] = []  # the token each of them is fed next
+        going_on: list[Request] = []
+        for g, r in enumerate(plan.decoding):
+            rows = np.arange(plan.offsets[g], plan.offsets[g + 1])
+            kept = self._guarded(r, self._advance_decode, r, rows, mixed)
+            if kept:
+                keep.extend(rows[kept[0]].tolist())
+                feed.extend(kept[1])
+                going_on.append(r)
+        joining: list[tuple[list[np.ndarray], int]] = []  # new rows: (KV, token fed next)
+        started: list[Request] = []
+        for r in plan.starting:
+            r.prefill_done(time.perf_counter())
+            new = self._guarded(r, self._advance_start, r, mixed)
+            if new:
+                joining.extend(new)
+                started.append(r)
+        for r in list(self.running):
+            if r.prefill and r.prefilled and not r.rows and r not in plan.starting:
+                self._guarded(r, self._finish_prefill_only, r)
+        self._rebuild_batch(keep, feed, joining)
+        # Batch order = the going-on requests, then the started ones; the others keep theirs.
+        others = [r for r in self.running if r not in going_on and r not in started]
+        self.running = [*going_on, *started, *others]
+        for r in plan.requests:
+            r.flush()
+
+    def _guarded(self, r: Request, fn: Callable, *args):
+        """Run one request's update; if it raises, only that request ends (with the error)."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            LOG.exception("request %s failed in the update phase", r.id)
+            self._end(r, e)
+            return None
+
+    def _advance_decode(
+        self, r: Request, rows: np.ndarray, mixed: Mixed
+    ) -> tuple[list[int], list[int]] | None:
+        """One decoding request's step: which of its rows go on (indices into its rows, in their
+        new order) and the token each is fed next; None when it leaves the batch."""
+        if isinstance(r, SequenceRequest):
+            parents, tokens = r.advance(mixed.beams[id(r)], self.eos)
+            if r.beams_done():
+                self._beams_finished(r)
+                return None
+            r.rows = len(parents)
+            return parents, tokens
+        token, *results = mixed.tokens[id(r)]
+        if self._on_token(r, token, *results):
+            return None
+        return list(range(rows.size)), [token] * rows.size
+
+    def _advance_start(self, r: Request, mixed: Mixed) -> list[tuple[list[np.ndarray], int]]:
+        """A request's first step after its prompts: the rows it adds to the batch."""
+        kvs = [row.kv for row in r.prefill]
+        r.prefill = []
+        if isinstance(r, SequenceRequest):
+            r.prompt_kv = kvs if r.thorough else []
+            r.row_beam = list(range(len(r.beams)))
+            parents, tokens = r.advance(mixed.beams[id(r)], self.eos)
+            if r.beams_done():
+                self._beams_finished(r)
+                return []
+            r.rows = len(parents)
+            return [(kvs[p], t) for p, t in zip(parents, tokens, strict=True)]
+        token, *results = mixed.tokens[id(r)]
+        if self._on_token(r, token, *results):
+            return []
+        r.rows = len(kvs)
+        return [(k, token) for k in kvs]
+
+    def _on_token(self, r: TokenRequest, token: int, *results) -> bool:
+        previous = r.last_token_time
+        finished = r.on_token(token, *results)
+        if len(r.tokens) == 1:
+            self.observer.on_first_token(r.first_token - r.arrival)
+        else:
+            self.observer.on_inter_token(r.last_token_time - previous)
+        if finished:
+            self._finish(r, r.finish_reason)
+        return finished
+
+    def _beams_finished(self, r: SequenceRequest) -> None:
+        """Beams done: rescore as prefill rows ("thorough"), or answer now ("fast")."""
+        r.rows = 0
+        if r.thorough:
+            r.prefill = r.rescoring_prefill()
+            r.prompt_kv = []  # the rescoring rows hold what they need
+        else:
+            self._answer_sequence(r)
+
+    def _answer_sequence(self, r: SequenceRequest) -> None:
+        r.stream_answer(r.answer())
+        self._finish(r, r.finish_reason)
+
+    def _finish_prefill_only(self, r: Request) -> None:
+        """Work whose last prefill rows just finished: Score, or RAG-Sequence rescoring."""
+        if isinstance(r, ScoreRequest):
+            r.prefill_done(time.perf_counter())
+            r.outbox.append(r.result())
+            self._finish(r, "scored")
+        elif isinstance(r, SequenceRequest):
+            self._answer_sequence(r)
+
+    def _rebuild_batch(
+        self, keep: list[int], feed: list[int], joining: list[tuple[list[np.ndarray], int]]
+    ) -> None:
+        """The next step's batch: the kept rows (reordered in place where only beams moved) fed
+        their next tokens, then the rows of the requests that start decoding."""
+        if keep != list(range(self.batch.rows)):
+            self.batch = kv.reorder(self.batch, np.array(keep, np.int64))
+        self.batch.last[:] = feed
+        if joining:
+            new = kv.from_rows([k for k, _ in joining], np.array([t for _, t in joining]))
+            self.batch = kv.concat(self.batch, new)
+
+    # ----------------------------------------------------------------- endings
+
+    def _isolate(self, plan: StepPlan, err: Exception) -> None:
+        """The step raised: run each request's rows alone; those that raise alone end with their
+        error, the rest go on next step (this step is thrown away: nothing was written)."""
+        culprits = []
+        for r in plan.requests:
+            probe = plan.only(r)
+            try:
+                self._mix(probe, self._forward(probe))
+            except Exception as e:
+                culprits.append((r, e))
+        if not culprits:  # no single request fails: the step itself does
+            culprits = [(r, err) for r in plan.requests]
+        for r, e in culprits:
+            LOG.error("request %s failed in the step: %r", r.id, e, exc_info=e)
+            self._end(r, e)
+
+    def _end(self, r: Request, err: BaseException) -> None:
+        """End a request with an error status (after whatever it streamed before)."""
+        r.outbox.append(err)
+        r.flush()
+        self._retire(r)
+        self.observer.on_finish("error", len(getattr(r, "tokens", ())))
+
+    def _finish(self, r: Request, reason: str) -> None:
+        self.observer.on_finish(reason, len(getattr(r, "tokens", ())))
+        r.rows = 0
+        r.prefill = []
+        if r in self.running:
+            self.running.remove(r)
+
+    def _retire(self, r: Request) -> None:
+        """Take a request out of the running batch (its rows) and out of `running`."""
+        if r not in self.running:
+            return
+        if r.rows:
+            start = 0
+            keep: list[int] = []
+            for other in self.running:
+                if other.rows and other is not r:
+                    keep.extend(range(start, start + other.rows))
+                start += other.rows
+            self.batch = kv.select(self.batch, np.array(keep, np.int64))
+        r.rows = 0
+        r.prefill = []
+        self.running.remove(r)
+
+    def _report_queue(self) -> None:
+        self.observer.on_queue(len(self.scheduler.waiting), len(self.running), self.batch.rows)
+
+
+def _row_logprob(res, logits, a, b, token):  # TEMP until the kernel returns it
+    if hasattr(res, "row_logprob"):
+        return res.row_logprob[a:b]
+    x = logits[a:b].astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lse = (np.log(np.exp(x - m).sum(axis=1, keepdims=True)) + m)[:, 0]
+    return x[:, token] - lse

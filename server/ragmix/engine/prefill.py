@@ -1,0 +1,170 @@
+"""Chunked prefill: prompt rows computed a bounded number of tokens per step, as vLLM does.
+
+Every kind of request starts as prefill rows: a TOKEN request's K passage prompts, a Concat prompt,
+a RAG-Sequence request's prompts and later its "thorough" rescoring rows, a Score request's prompt +
+answer rows. A row continues from a prefix KV it was given (a cached passage, a passage's prompt)
+and computes `tokens` over as many steps as the token budget needs; it can keep the logits after
+its last token (decoding starts there) and the log-probs of its last `scored` tokens (Score,
+rescoring). Each step `plan_chunk` picks what fits the budget; `run_chunk` computes it in one
+generator pass; `commit_chunk` moves the results into the rows. Nothing here knows about requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ragmix import kernels
+from ragmix.engine import kv
+
+if TYPE_CHECKING:
+    from ragmix.engine.prefix_cache import PassageCache
+    from ragmix.models.generator import Generator
+
+
+@dataclass(eq=False)
+class PrefillRow:
+    tokens: list[int]  # computed by this row, after `prefix`
+    prefix: list[np.ndarray] | None  # 2*layers x [1, kv_heads, P, head_dim]: KV before `tokens`
+    scored: int = 0  # log p(t | before) wanted for the last `scored` tokens
+    keep_logits: bool = False  # keep the logits after the last token (decoding starts there)
+    keep_kv: bool = False  # keep prefix + tokens KV once done (the row joins the decode batch)
+    cache_key: bytes | None = (
+        None  # store the KV of the `cache_ids` (the first slots) under this key
+    )
+    cache_ids: Sequence[int] = ()
+    # Progress, written by commit_chunk only.
+    done: int = 0  # tokens computed so far
+    kv: list[np.ndarray] | None = None  # prefix + the tokens done (while unfinished, or keep_kv)
+    logprobs: list[float] = field(default_factory=list)  # of the scored tokens, in order
+    logits: np.ndarray | None = None  # V: after the last token (keep_logits)
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            raise ValueError("a prefill row needs at least one token to compute.")
+        if not 0 <= self.scored < len(self.tokens):
+            raise ValueError(
+                f"scored must be in [0, {len(self.tokens) - 1}] (the first token has no "
+                f"predictor in this row), got {self.scored}."
+            )
+        self.kv = self.prefix
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.done
+
+    @property
+    def finished(self) -> bool:
+        return self.done == len(self.tokens)
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix[0].shape[2]
+
+    def wanted(self, lo: int, hi: int) -> list[int]:
+        """Indices t in [lo, hi) of `tokens` whose next-token logits this row needs."""
+        n = len(self.tokens)
+        first = n - self.scored - 1  # logits at t predict tokens[t + 1]
+        out = list(range(max(lo, first), min(hi, n - 1))) if self.scored else []
+        if self.keep_logits and lo <= n - 1 < hi:
+            out.append(n - 1)
+        return out
+
+
+@dataclass
+class Chunk:
+    """This step's prefill work: rows[i] computes its next `counts[i]` tokens."""
+
+    rows: list[PrefillRow]
+    counts: list[int]
+
+    @property
+    def tokens(self) -> int:
+        """Padded tokens of the pass (rows x longest piece): what it costs."""
+        return len(self.rows) * max(self.counts, default=0)
+
+
+@dataclass
+class ChunkOutput:
+    logits: np.ndarray  # rows x W x V
+    batch: kv.Batch  # the rows' KV after the pass
+    wanted: list[list[int]]  # per row, the token indices (in the row) whose logits came back
+    logprobs: np.ndarray  # float64, the scored tokens' log-probs of all rows, in row order
+
+
+def plan_chunk(pending: Sequence[PrefillRow], budget: int) -> Chunk:
+    """The first n pending rows (FIFO) and tokens for each, padded cost rows x width <= budget.
+
+    Rows of one pass are padded to the longest piece, so the n that computes the most real tokens
+    wins (the smallest such n); each row gets min(its remaining, width) tokens.
+    """
+    best_n, best_width, best_useful = 0, 0, 0
+    longest = 0
+    for n, row in enumerate(pending, 1):
+        longest = max(longest, row.remaining)
+        width = min(longest, budget // n)
+        if width == 0:
+            break
+        useful = sum(min(r.remaining, width) for r in pending[:n])
+        if useful > best_useful:
+            best_n, best_width, best_useful = n, width, useful
+    rows = list(pending[:best_n])
+    return Chunk(rows, [min(r.remaining, best_width) for r in rows])
+
+
+def run_chunk(generator: Generator, chunk: Chunk) -> ChunkOutput:
+    """One generator pass over the chunk's pieces; the rows are not changed (see commit_chunk)."""
+    pieces = [r.tokens[r.done : r.done + n] for r, n in zip(chunk.rows, chunk.counts, strict=True)]
+    wanted = [r.wanted(r.done, r.done + n) for r, n in zip(chunk.rows, chunk.counts, strict=True)]
+    logits_at = [
+        [t - r.done for t in w] or [n - 1]
+        for r, w, n in zip(chunk.rows, wanted, chunk.counts, strict=True)
+    ]
+    logits, batch = kv.run_rows(generator, pieces, [r.kv for r in chunk.rows], logits_at)
+    return ChunkOutput(logits, batch, wanted, scored_logprobs(logits, chunk.rows, wanted))
+
+
+def scored_logprobs(
+    logits: np.ndarray, rows: Sequence[PrefillRow], wanted: Sequence[list[int]]
+) -> np.ndarray:
+    """log p(tokens[t + 1]) at every wanted, scored position of every row: one kernel call."""
+    picked, targets = [], []
+    for i, (row, w) in enumerate(zip(rows, wanted, strict=True)):
+        for slot, t in enumerate(w):
+            if t + 1 < len(row.tokens):  # the last token's logits predict nothing scored
+                picked.append(logits[i, slot])
+                targets.append(row.tokens[t + 1])
+    if not picked:
+        return np.zeros(0)
+    lp = kernels.row_logprobs(np.stack(picked), np.array(targets, np.int64))  # scored tokens
+    return lp.astype(np.float64)
+
+
+def commit_chunk(chunk: Chunk, out: ChunkOutput, cache: PassageCache | None) -> None:
+    """Advance each row by its piece: KV, scored log-probs, final logits, passage cache entries."""
+    offset = 0
+    for i, (row, n) in enumerate(zip(chunk.rows, chunk.counts, strict=True)):
+        w = out.wanted[i]
+        scored = sum(1 for t in w if t + 1 < len(row.tokens))
+        row.logprobs.extend(out.logprobs[offset : offset + scored].tolist())
+        offset += scored
+        row.done += n
+        if row.keep_logits and row.finished:
+            row.logits = out.logits[i, len(w) - 1].copy()  # V
+        needs_kv = not row.finished or row.keep_kv
+        store = (
+            cache is not None
+            and row.cache_key is not None
+            and row.prefix_len + row.done >= len(row.cache_ids)
+        )
+        if needs_kv or store:
+            row.kv = kv.row_kv(out.batch, i)
+        if store:
+            n_cached = len(row.cache_ids)
+            cache.put(row.cache_key, row.cache_ids, [a[:, :, :n_cached] for a in row.kv])
+            row.cache_key = None
+        if not needs_kv:
+            row.kv = None
