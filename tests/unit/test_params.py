@@ -29,6 +29,16 @@ U32, U64 = 2**32 - 1, 2**64 - 1
 REFUSED = object()
 
 
+def f32(x: float) -> float:
+    """x as a proto float field carries it."""
+    return float(np.float32(x))
+
+
+def below_f32(x: float) -> float:
+    """The float32 just below float32(x)."""
+    return float(np.nextafter(np.float32(x), np.float32(0)))
+
+
 def test_defaults_are_filled_from_limits():
     r = RetrievalParams("What is yield?").verify(LIMITS)
     d = DecodingParams().verify(LIMITS)
@@ -63,6 +73,8 @@ DECODING_CASES = [
     ("temperature", P.MIN_TEMPERATURE, P.MIN_TEMPERATURE),
     ("temperature", P.MAX_TEMPERATURE, P.MAX_TEMPERATURE),
     ("temperature", P.MAX_TEMPERATURE + 1, REFUSED),
+    ("temperature", f32(P.MIN_TEMPERATURE), f32(P.MIN_TEMPERATURE)),  # 1e-4 sent as a float
+    ("temperature", below_f32(P.MIN_TEMPERATURE), REFUSED),
     ("temperature", P.MIN_TEMPERATURE / 2, REFUSED),
     ("temperature", 1e-40, REFUSED),  # float32 1/T would overflow
     ("temperature", float(U32), REFUSED),
@@ -75,6 +87,9 @@ DECODING_CASES = [
     ("top_p", 1.0, 1.0),
     ("top_p", 0.5, 0.5),
     ("top_p", P.MIN_TOP_P, P.MIN_TOP_P),
+    ("top_p", f32(P.MIN_TOP_P), f32(P.MIN_TOP_P)),
+    ("top_p", below_f32(P.MIN_TOP_P), REFUSED),
+    ("top_p", 1.0 + 2**-30, REFUSED),
     ("top_p", 2.0, REFUSED),
     ("top_p", 1.5, REFUSED),
     ("top_p", 1e-50, REFUSED),  # float32(1e-50) == 0, which the kernel refuses
@@ -144,6 +159,8 @@ RETRIEVAL_CASES = [
     ("retrieval_temperature", 0.01, 0.01),
     ("retrieval_temperature", P.MIN_RETRIEVAL_TEMPERATURE, P.MIN_RETRIEVAL_TEMPERATURE),
     ("retrieval_temperature", P.MAX_RETRIEVAL_TEMPERATURE, P.MAX_RETRIEVAL_TEMPERATURE),
+    ("retrieval_temperature", f32(1e-4), f32(1e-4)),
+    ("retrieval_temperature", below_f32(1e-4), REFUSED),
     ("retrieval_temperature", P.MAX_RETRIEVAL_TEMPERATURE + 1, REFUSED),
     ("retrieval_temperature", 1e-30, REFUSED),
     ("retrieval_temperature", 5e-324, REFUSED),

@@ -84,12 +84,23 @@ def _integer(name: str, value: object, lo: int, hi: int, note: str = "") -> int:
     return value
 
 
+_FLOAT32_ROUNDING = 2**-24
+"""Relative error of rounding to float32. Proto float fields carry float32 values, and 1e-4 in
+float32 is 9.9999997e-05: a lower bound accepts what it becomes in float32. (The upper bounds,
+1 and 1e4, are exact in float32.)"""
+
+
+def _in_range(value: float, lo: float, hi: float) -> bool:
+    """lo <= value <= hi, lo widened by float32's rounding; False for NaN."""
+    return lo * (1 - _FLOAT32_ROUNDING) <= value <= hi
+
+
 def _real(name: str, value: object, lo: float, hi: float, note: str = "") -> float:
     """value as a finite float in the closed range [lo, hi] (NaN and +-inf are refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail(name, f"a number in [{lo:g}, {hi:g}]{note}", value)
     value = float(value)
-    if not (math.isfinite(value) and lo <= value <= hi):
+    if not (math.isfinite(value) and _in_range(value, lo, hi)):
         raise _fail(name, f"in [{lo:g}, {hi:g}]{note}", value)
     return value
 
@@ -219,7 +230,7 @@ class DecodingParams:
             )
         self.temperature = float(self.temperature)
         real = isinstance(self.top_p, numbers.Real) and not isinstance(self.top_p, bool)
-        if not (real and MIN_TOP_P <= self.top_p <= 1):  # NaN fails the comparison
+        if not (real and _in_range(self.top_p, MIN_TOP_P, 1.0)):  # NaN fails the comparison
             raise _fail("top_p", f"in (0, 1] and >= {MIN_TOP_P:g} (0 = off)", self.top_p)
         self.top_p = float(self.top_p)
         self.top_k = _integer("top_k", self.top_k, 0, INT32_MAX, " (0 = off)")
