@@ -1,4 +1,13 @@
-"""Protobuf <-> engine types. Servicers only translate; the engine never sees a message."""
+"""Protobuf <-> engine types. Servicers only translate; the engine never sees a message.
+
+Requests are copied field for field and not judged here: proto uint32/uint64 fields arrive as
+Python ints up to 2^32 - 1 / 2^64 - 1, float fields as the float32 value widened to a Python float
+(NaN and +-inf included), an unset `optional` field as None. Every range check lives in the params'
+`verify` (a ValidationError naming the field, mapped to INVALID_ARGUMENT). The one thing decided
+here is the mixture enum: proto3 enums are open, so any int32 can arrive and an unknown one is a
+ValidationError for the field `mixture` too. Nothing in the *_from_pb functions raises anything
+else for a client's input.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +15,20 @@ from ragmix.engine.outputs import DoneEvent, Event, PassagesEvent, RetrievedPass
 from ragmix.engine.params import DecodingParams, Mixture, RetrievalParams
 from ragmix.engine.score import MixtureScore, ScoreResult
 from ragmix.errors import ValidationError
-from ragmix_client._proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2 as pb
 
 
 def mixture_from_pb(value: int) -> Mixture:
+    """The Mixture of a proto enum value; UNSPECIFIED = TOKEN, anything unknown is refused."""
     if value == pb.MIXTURE_UNSPECIFIED:
         return Mixture.TOKEN
     try:
         return Mixture(value)
     except ValueError:
         raise ValidationError(
-            "mixture", f"mixture must be one of TOKEN, SEQUENCE, CONCAT, got enum value {value}."
+            "mixture",
+            "mixture must be one of MIXTURE_TOKEN (1), MIXTURE_SEQUENCE (2), MIXTURE_CONCAT (3) "
+            f"or MIXTURE_UNSPECIFIED (0), got enum value {value}.",
         ) from None
 
 
