@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 # SmolLM2-135M: weights that take part in a matmul per token (30 layers of attention + MLP
-# projections, plus the tied 576 x 49152 output head); see shared/notes/model-export-facts.md.
+# projections, plus the tied 576 x 49152 output head); see docs/DESIGN.md § Performance model.
 LAYERS, HIDDEN, KV_DIM, FFN, VOCAB = 30, 576, 192, 1536, 49152
 MATMUL_PARAMS = (
     LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV_DIM + 3 * HIDDEN * FFN) + HIDDEN * VOCAB

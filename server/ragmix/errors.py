@@ -1,6 +1,6 @@
 """Domain exceptions. The service layer maps each to one gRPC status code; nothing else does.
 
-The engine and the bundles raise these and never import grpc (DESIGN.md §3).
+The engine and the bundles raise these and never import grpc (docs/DESIGN.md § Layout).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Index bundles: passages.jsonl + a FAISS inner-product index + manifest.json, built atomically.
 
 The manifest pins the encoder's fingerprint: an index searched with vectors from another encoder
-returns confident nonsense, so loading refuses the mismatch instead (DESIGN.md §4).
+returns confident nonsense, so loading refuses the mismatch instead
+(docs/DESIGN.md § The contract, Bundles).
 """
 
 from __future__ import annotations

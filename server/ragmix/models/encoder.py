@@ -26,7 +26,7 @@ SORT_WINDOW_BATCHES = 16
 
 
 def default_providers() -> list[str]:
-    """CUDA when onnxruntime-gpu sees a device, else CPU (DESIGN.md §6)."""
+    """CUDA when onnxruntime-gpu sees a device, else CPU (docs/DESIGN.md § Not built yet)."""
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 

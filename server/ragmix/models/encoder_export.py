@@ -2,7 +2,8 @@
 
 Pooling and L2 normalisation live inside the graph, so the server only tokenises and runs one
 session: the vectors it gets are the unit-norm d(z), q(x) whose inner product is the retriever's
-score (DESIGN.md §1). Torch and transformers are imported here only, never at serving time.
+score (docs/DESIGN.md § The model). Torch and transformers are imported here only, never at
+serving time.
 """
 
 from __future__ import annotations
