@@ -91,19 +91,23 @@ class ServerProcess:
 
 def start_server(args: list[str], log: Path, timeout: float = 300.0) -> ServerProcess:
     """Run `ragmix serve --port 0 ARGS` and wait for its 'serving on' line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     f = open(log, "w")  # noqa: SIM115 - the process writes to it for its whole life
     proc = subprocess.Popen(
         [sys.executable, "-m", "ragmix.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args],
         stdout=f,
         stderr=subprocess.STDOUT,
-        env=env,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    return ServerProcess(proc, wait_serving(proc, log, timeout), log)
+
+
+def wait_serving(proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> str:
+    """The address a starting server logs in its 'serving on' line (its start-up is bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = re.search(r"ragmix serving on ([\d.]+):(\d+)", log.read_text())
         if m:
-            return ServerProcess(proc, f"{m[1]}:{m[2]}", log)
+            return f"{m[1]}:{m[2]}"
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         time.sleep(0.2)

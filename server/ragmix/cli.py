@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,13 +52,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(
+    args: argparse.Namespace, step_gate: Callable[[Sequence[object]], None] | None = None
+) -> int:
+    """`ragmix serve`; step_gate is for tests that hold streams open (service/server.py)."""
     _setup_logging(args.log_level)
     cli = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
     config = load_config(cli)
     from ragmix.service.server import serve
 
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, step_gate))
     return 0
 
 

@@ -1,12 +1,21 @@
-"""Cancellation, deadlines and SIGTERM drain of a real server, seen through gRPC and its metrics."""
+"""Cancellation, deadlines and SIGTERM drain of a real server, seen through gRPC and its metrics.
+
+Streams are held open by a mechanism, never by timing: the server runs with a step gate
+(tests/gated_server.py) that stops the engine once a stream has its first token, until the test
+releases it. A held stream cannot finish on any machine, however fast.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
-from conftest import start_server, stop_server
+from conftest import ServerProcess, stop_server, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_metrics import (
     ACTIVE_ROWS,
@@ -18,11 +27,11 @@ from test_metrics import (
     wait_metrics,
 )
 
-from ragmix_client._proto import ragmix_pb2 as pb
-from ragmix_client._proto import ragmix_pb2_grpc as pb_grpc
+from ragmix_client.proto import ragmix_pb2 as pb
+from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
-# Long enough (400 steps) that the stream is still running when the test acts on it.
 LONG_TOKENS = 400
+GATED_SERVER = Path(__file__).parent.parent / "gated_server.py"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -33,10 +42,29 @@ def long_request() -> pb.GenerateRequest:
     )
 
 
-def serve(dirs, tmp_path, *extra: str):
-    return start_server(
-        tiny_args(*dirs, "--max-new-tokens", str(LONG_TOKENS), *extra), tmp_path / "server.log"
-    )
+class GatedServer(ServerProcess):
+    gate: Path
+
+    def hold_after(self, tokens: int) -> None:
+        """From now on the engine pauses once a stream has `tokens` tokens."""
+        self.gate.write_text(str(tokens))
+
+    def release(self) -> None:
+        self.gate.write_text("release")
+
+
+def serve(dirs, tmp_path, *extra: str) -> GatedServer:
+    """A gated `ragmix serve` that holds every stream after its first token."""
+    gate, log = tmp_path / "gate", tmp_path / "server.log"
+    gate.write_text("1")
+    args = tiny_args(*dirs, "--max-new-tokens", str(LONG_TOKENS), *extra)
+    cmd = [sys.executable, str(GATED_SERVER), str(gate), "--host", "127.0.0.1", "--port", "0"]
+    f = open(log, "w")  # noqa: SIM115 - the process writes to it for its whole life
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*cmd, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+    server = GatedServer(proc, wait_serving(proc, log), log)
+    server.gate = gate
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +94,7 @@ def test_client_cancel_frees_rows_at_the_next_step(served):
     after = wait_metrics(port, lambda m: m[ACTIVE_ROWS] == 0 and m.get(key, 0) > before.get(key, 0))
     assert after[ACTIVE_ROWS] == 0 and after["ragmix_running_requests"] == 0
     assert after[key] - before.get(key, 0) == 1
-    # The engine dropped it as cancelled, long before its 400 tokens.
+    # The engine dropped it as cancelled, held long before its 400 tokens.
     cancelled = 'ragmix_finished_requests_total{reason="cancelled"}'
     assert after[cancelled] - before.get(cancelled, 0) == 1
     generated = after["ragmix_generated_tokens_total"] - before["ragmix_generated_tokens_total"]
@@ -77,17 +105,22 @@ def test_client_deadline_frees_rows(served):
     _, stub, port = served
     before = scrape(port)
     with pytest.raises(grpc.RpcError) as err:
-        list(stub.Generate(long_request(), timeout=0.3))
+        list(stub.Generate(long_request(), timeout=2))  # held after a token: cannot finish
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     key = requests_key("Generate", "DEADLINE_EXCEEDED")
     after = wait_metrics(port, lambda m: m[ACTIVE_ROWS] == 0 and m.get(key, 0) > before.get(key, 0))
     assert after[ACTIVE_ROWS] == 0 and after["ragmix_queue_depth"] == 0
     assert after[key] - before.get(key, 0) == 1
-    # The server keeps serving: a short request right after completes.
-    short = pb.GenerateRequest(
-        query=QUESTION, top_k=2, decoding=pb.DecodingParams(max_new_tokens=3)
-    )
-    assert list(stub.Generate(short, timeout=60))[-1].WhichOneof("event") == "done"
+    # The server keeps serving: a request right after completes once the gate lets it.
+    server = served[0]
+    server.release()
+    try:
+        short = pb.GenerateRequest(
+            query=QUESTION, top_k=2, decoding=pb.DecodingParams(max_new_tokens=3)
+        )
+        assert list(stub.Generate(short, timeout=60))[-1].WhichOneof("event") == "done"
+    finally:
+        server.hold_after(1)
 
 
 def test_sigterm_drains_in_flight_streams_and_exits_0(dirs, tmp_path):
@@ -110,6 +143,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(dirs, tmp_path):
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in err.value.details()
 
+            server.release()
             rest = list(call)  # the in-flight stream runs to its end
             assert rest[-1].WhichOneof("event") == "done"
             tokens = [e for e in first + rest if e.WhichOneof("event") == "token"]
@@ -122,7 +156,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(dirs, tmp_path):
 
 
 def test_sigterm_cancels_streams_still_running_after_the_grace(dirs, tmp_path):
-    server = serve(dirs, tmp_path, "--grace-seconds", "0.2")
+    server = serve(dirs, tmp_path, "--grace-seconds", "0.2")  # held: it outlives any grace
     try:
         with grpc.insecure_channel(server.target) as ch:
             call = pb_grpc.RagServiceStub(ch).Generate(long_request(), timeout=120)

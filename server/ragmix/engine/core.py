@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,7 +91,7 @@ class EngineCore:
         generator: Generator,
         config: CoreConfig,
         observer: EngineObserver | None = None,
-        step_gate: Callable[[], None] | None = None,
+        step_gate: Callable[[Sequence[Request]], None] | None = None,
     ) -> None:
         self.generator = generator
         self.observer = observer or EngineObserver()
@@ -153,7 +153,7 @@ class EngineCore:
                 if self._stopping:
                     break
             if self.step_gate is not None:
-                self.step_gate()
+                self.step_gate(self.running)
             try:
                 self.step()
             except Exception as e:  # a bug outside forward/mix: end everything in flight, go on
@@ -329,7 +329,7 @@ class EngineCore:
                 int(res.token[g]),
                 float(res.logprob[g]),
                 res.responsibility[a:b],
-                _row_logprob(res, logits, a, b, int(res.token[g])),
+                res.row_logprob[a:b],
                 top,
             )
         return out
@@ -509,12 +509,3 @@ class EngineCore:
 
     def _report_queue(self) -> None:
         self.observer.on_queue(len(self.scheduler.waiting), len(self.running), self.batch.rows)
-
-
-def _row_logprob(res, logits, a, b, token):  # TEMP until the kernel returns it
-    if hasattr(res, "row_logprob"):
-        return res.row_logprob[a:b]
-    x = logits[a:b].astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    lse = (np.log(np.exp(x - m).sum(axis=1, keepdims=True)) + m)[:, 0]
-    return x[:, token] - lse

@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -99,7 +99,7 @@ class Engine:
         retrieval: RetrievalBatcher,
         config: EngineConfig,
         observer: EngineObserver | None = None,
-        step_gate: Callable[[], None] | None = None,
+        step_gate: Callable[[Sequence[Request]], None] | None = None,
     ) -> None:
         self.generator = generator
         self.retrieval = retrieval

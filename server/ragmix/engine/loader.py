@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ragmix import paths
 from ragmix.config import ServerConfig
 from ragmix.engine.engine import Engine, EngineConfig
 from ragmix.engine.observer import EngineObserver
+from ragmix.engine.request import Request
 from ragmix.engine.retrieval import RetrievalBatcher, Retriever
 from ragmix.index import IndexBundle
 from ragmix.index.bundle import ensure_default_index
@@ -23,7 +24,7 @@ LOG = logging.getLogger(__name__)
 def load_engine(
     config: ServerConfig,
     observer: EngineObserver | None = None,
-    step_gate: Callable[[], None] | None = None,
+    step_gate: Callable[[Sequence[Request]], None] | None = None,
 ) -> Engine:
     """Load the bundles named in `config` (or build the defaults) into an engine reporting to
     `observer`."""

@@ -49,6 +49,12 @@ def _rpc_name(method: str, service: str) -> str:
     return name if svc == service else f"{svc}/{name}"
 
 
+# A client's deadline travels as a remaining duration that the server counts from when it reads
+# it, so the server's copy ends a little later than the client's: the client's own deadline fires
+# first and arrives as a cancel. A cancel this close to the deadline is the deadline.
+DEADLINE_SLACK_S = 0.25
+
+
 def _final_code(
     err: BaseException | None, context: grpc.aio.ServicerContext, deadline: float | None
 ) -> grpc.StatusCode:
@@ -58,7 +64,7 @@ def _final_code(
         # The server cancels the handler when the client cancels or its deadline passes. The call
         # object may already be gone then: touching the context here crashed the process (seen
         # with grpcio 1.85), so the deadline was read when the RPC began.
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     code = context.code()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -54,7 +54,7 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
     )
 
 
-async def serve(config: ServerConfig, step_gate: Callable[[], None] | None = None) -> None:
+async def serve(config: ServerConfig, step_gate: Callable[[Sequence[object]], None] | None = None) -> None:
     """Load the bundles, serve until SIGTERM/SIGINT, then drain and exit.
 
     step_gate, when given, is called on the engine thread before every step (tests hold streams
