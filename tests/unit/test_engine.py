@@ -137,11 +137,53 @@ def test_stop_string_ends_generation_and_is_not_returned(engine):
     assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == done.text
 
 
-def test_seeded_sampling_is_reproducible(engine):
-    a = asyncio.run(collect(engine, QUESTIONS[2], n=12, temperature=1.5, seed=7))
-    b = asyncio.run(collect(engine, QUESTIONS[2], n=12, temperature=1.5, seed=7))
-    ids = lambda evs: [e.id for e in evs if isinstance(e, TokenEvent)]  # noqa: E731
-    assert ids(a) == ids(b)
+def reference_sample(gen, prompts, log_prior, n, temperature, seed):
+    """Independent sampled RAG-Token loop: full recompute per step, the reference kernel's sampling
+    rule, one U(0,1) per token from default_rng(seed) (what the engine promises to draw)."""
+    from ragmix.kernels import reference
+
+    rng = np.random.default_rng(seed)
+    seqs = [list(p) for p in prompts]
+    out = []
+    for _ in range(n):
+        rows = []
+        for s in seqs:
+            ids = np.array([s], np.int64)
+            pos = np.arange(len(s), dtype=np.int64)[None]
+            logits, _ = gen.forward(
+                ids, np.ones_like(ids), pos, gen.empty_cache(1), np.array([[len(s) - 1]])
+            )
+            rows.append(logits[0, 0])
+        log_p_mix = np.logaddexp.reduce(reference.group_joint(np.stack(rows), log_prior), axis=0)
+        ids, probs = reference.sampling_distribution(log_p_mix, temperature, 0, 1.0)
+        tok = reference.draw(ids, probs, float(rng.random()))
+        out.append(tok)
+        if tok in gen.eos_token_ids:
+            break
+        for s in seqs:
+            s.append(tok)
+    return out
+
+
+def test_seeded_sampling_draws_from_the_tempered_mixture(engine, parts):
+    gen, idx = parts[0], parts[2]
+    ids = [idx.passage(r).id for r in range(2)]
+    tpl = PromptTemplate.parse(gen.prompt_template)
+    runs = {}
+    for t in (0.7, 1.5):
+        a = asyncio.run(collect(engine, QUESTIONS[2], n=12, ids=ids, temperature=t, seed=7))
+        b = asyncio.run(collect(engine, QUESTIONS[2], n=12, ids=ids, temperature=t, seed=7))
+        got = [e.id for e in a if isinstance(e, TokenEvent)]
+        assert got == [e.id for e in b if isinstance(e, TokenEvent)]  # reproducible
+        passages = a[0].passages
+        prompts = [
+            tokenize_prompt(tpl, gen.encode, passage_text(p.title, p.text), QUESTIONS[2]).ids
+            for p in passages
+        ]
+        log_prior = np.log([p.prior for p in passages])
+        assert got == reference_sample(gen, prompts, log_prior, 12, t, 7)  # the tempered draw
+        runs[t] = got
+    assert runs[0.7] != runs[1.5]  # the same seed draws differently at another temperature
 
 
 def test_given_passage_ids_skip_retrieval(engine, parts):

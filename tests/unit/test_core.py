@@ -1,0 +1,400 @@
+"""The engine core's guarantees, on the tiny real bundles: nothing stranded, a failure stays with the
+request that caused it, refusals before the first event, chunked prefill exact, every kind of
+request in the same steps.
+
+Overlaps between requests are made by a step gate (the engine waits until the test lets it go),
+never by timing, so the tests mean the same on any machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from conftest import make_engine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ragmix import kernels
+from ragmix.engine import kv
+from ragmix.engine.observer import EngineObserver
+from ragmix.engine.outputs import DoneEvent, PassagesEvent, TokenEvent
+from ragmix.engine.params import DecodingParams, Mixture, RetrievalParams
+from ragmix.engine.prefill import PrefillRow, plan_chunk
+from ragmix.engine.prompts import PromptTemplate, passage_text, tokenize_prompt
+from ragmix.engine.score import score_answer
+from ragmix.engine.sequence import rag_sequence
+from ragmix.errors import ValidationError
+
+QUESTION = "What does the yield statement do?"
+POISON_QUESTION = "Zebra quagga okapi?"
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_parts):
+    return tiny_parts
+
+
+@pytest.fixture(scope="module")
+def ids(parts):
+    return [parts[2].passage(r).id for r in range(6)]
+
+
+class Gate:
+    """A step gate: the engine waits before every step until `open()`; then it runs freely."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+
+    def __call__(self, running) -> None:
+        self.opened.wait()
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+class HoldAfterFirstToken(Gate):
+    """The engine runs until some request has a token, then waits until `open()`."""
+
+    def __call__(self, running) -> None:
+        if any(getattr(r, "tokens", None) for r in running if not r.cancelled):
+            self.opened.wait()
+
+
+class Poisoned:
+    """The tiny generator, except that a prefill pass containing `token` raises."""
+
+    def __init__(self, generator, token: int) -> None:
+        self._generator, self.token = generator, token
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+    def forward_new(self, input_ids, *args):
+        if input_ids.shape[1] > 1 and (input_ids == self.token).any():
+            raise RuntimeError("poisoned prefill")
+        return self._generator.forward_new(input_ids, *args)
+
+
+def retrieval(query: str, ids: list[str]) -> RetrievalParams:
+    return RetrievalParams(query, passage_ids=list(ids))
+
+
+async def collect(engine, query, ids, mixture=Mixture.TOKEN, **dec):
+    dec.setdefault("max_new_tokens", 12)
+    return [
+        ev async for ev in engine.generate(retrieval(query, ids), DecodingParams(**dec), mixture)
+    ]
+
+
+def token_ids(events) -> list[int]:
+    return [e.id for e in events if isinstance(e, TokenEvent)]
+
+
+async def outcome(coro):
+    """The events, or the exception the stream ended with."""
+    try:
+        return await coro
+    except Exception as e:
+        return e
+
+
+def answer_alone(parts, query, ids, **dec):
+    """The events of one request on an engine of its own."""
+    e = make_engine(parts)
+    try:
+        return asyncio.run(collect(e, query, ids, **dec))
+    finally:
+        e.shutdown()
+
+
+def poison_token(parts, ids) -> int:
+    """A token of POISON_QUESTION's prompt that the normal request's prompts never contain."""
+    gen, idx = parts[0], parts[2]
+    tpl = PromptTemplate.parse(gen.prompt_template)
+    normal = set()
+    for pid in ids:
+        p = idx.passage(idx.rows_of([pid])[0])
+        normal |= set(tokenize_prompt(tpl, gen.encode, passage_text(p.title, p.text), QUESTION).ids)
+    candidates = [t for t in gen.encode(POISON_QUESTION) if t not in normal]
+    assert candidates, "the poison question shares every token with the normal prompts"
+    return candidates[0]
+
+
+def test_a_failing_prefill_ends_only_its_request_and_strands_nothing(parts, ids):
+    """Defects 1 and 5: both requests are admitted in the same step; one's prefill raises."""
+    alone = answer_alone(parts, QUESTION, ids[:3], max_new_tokens=20)
+    gate = Gate()
+    e = make_engine(parts, step_gate=gate)
+    e.core.generator = Poisoned(parts[0], poison_token(parts, ids[:3]))
+    try:
+
+        async def both():
+            normal = asyncio.ensure_future(
+                outcome(collect(e, QUESTION, ids[:3], max_new_tokens=20))
+            )
+            bad = asyncio.ensure_future(outcome(collect(e, POISON_QUESTION, ids[:3])))
+            while e.core.in_flight < 2:  # both queued before the first step runs
+                await asyncio.sleep(0.01)
+            gate.open()
+            return await normal, await bad
+
+        normal, bad = asyncio.run(both())
+        assert isinstance(bad, RuntimeError) and "poisoned prefill" in str(bad)
+        assert isinstance(normal, list) and isinstance(normal[-1], DoneEvent)
+        assert token_ids(normal) == token_ids(alone)
+        assert e.in_flight == 0 and e.core.batch.rows == 0
+    finally:
+        e.shutdown()
+
+
+def test_a_failing_prefill_beside_a_decoding_stream_leaves_the_stream_alone(parts, ids):
+    """The decode rows of one request and the prefill chunk of another are one step; the chunk
+    raises: the decoding stream goes on to the same answer it gets alone."""
+    alone = answer_alone(parts, QUESTION, ids[:3], max_new_tokens=20)
+    gate = HoldAfterFirstToken()
+    e = make_engine(parts, step_gate=gate)
+    try:
+        e.core.generator = Poisoned(parts[0], poison_token(parts, ids[:3]))
+
+        async def both():
+            normal = asyncio.ensure_future(
+                outcome(collect(e, QUESTION, ids[:3], max_new_tokens=20))
+            )
+            while not e.core.running or not e.core.running[0].tokens:  # decoding, then held
+                await asyncio.sleep(0.01)
+            bad = asyncio.ensure_future(outcome(collect(e, POISON_QUESTION, ids[3:5])))
+            while e.core.in_flight < 2:
+                await asyncio.sleep(0.01)
+            gate.open()
+            return await normal, await bad
+
+        normal, bad = asyncio.run(both())
+        assert isinstance(bad, RuntimeError)
+        assert token_ids(normal) == token_ids(alone)
+        assert e.in_flight == 0
+    finally:
+        e.shutdown()
+
+
+def test_a_failing_mixture_ends_only_the_request_whose_rows_raise(parts, ids, monkeypatch):
+    """A kernel failure caused by one request's parameters ends that request only."""
+    real = kernels.mixture_step
+
+    def mixture_step(logits, log_prior, offsets, temperature, *rest):
+        if np.any(np.isclose(temperature, 0.625)):
+            raise FloatingPointError("poisoned temperature")
+        return real(logits, log_prior, offsets, temperature, *rest)
+
+    alone = answer_alone(parts, QUESTION, ids[:2], max_new_tokens=16)
+    gate = Gate()
+    e = make_engine(parts, step_gate=gate)
+    try:
+        monkeypatch.setattr(kernels, "mixture_step", mixture_step)
+
+        async def both():
+            normal = asyncio.ensure_future(
+                outcome(collect(e, QUESTION, ids[:2], max_new_tokens=16))
+            )
+            bad = asyncio.ensure_future(
+                outcome(collect(e, QUESTION, ids[2:4], temperature=0.625, seed=1))
+            )
+            while e.core.in_flight < 2:
+                await asyncio.sleep(0.01)
+            gate.open()
+            return await normal, await bad
+
+        normal, bad = asyncio.run(both())
+        assert isinstance(bad, FloatingPointError)
+        assert token_ids(normal) == token_ids(alone)
+        assert e.in_flight == 0
+    finally:
+        e.shutdown()
+
+
+def test_everything_refusable_is_refused_before_the_first_event(parts, ids):
+    """Defect 2: the KV budget, the batch's rows and the context are checked before `passages`."""
+    e = make_engine(parts, max_batch_tokens=200, max_batch_rows=20)
+    try:
+
+        async def first_event(mixture=Mixture.TOKEN, **dec):
+            stream = e.generate(retrieval(QUESTION, ids[:4]), DecodingParams(**dec), mixture)
+            try:
+                return await stream.__anext__()
+            finally:
+                await stream.aclose()
+
+        with pytest.raises(ValidationError, match="max-batch-tokens"):
+            asyncio.run(first_event(max_new_tokens=8))
+        with pytest.raises(ValidationError, match="max_batch_rows") as err:
+            asyncio.run(first_event(Mixture.SEQUENCE, max_new_tokens=8, num_beams=8))
+        assert err.value.param == "num_beams"
+        with pytest.raises(ValidationError, match="context"):
+            long = RetrievalParams("€" * 1990, passage_ids=ids[:1])
+            stream = e.generate(long, DecodingParams(max_new_tokens=8), Mixture.CONCAT)
+            asyncio.run(stream.__anext__())
+        assert e.in_flight == 0
+    finally:
+        e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chunky(parts):
+    """An engine whose prefill chunks are 7 tokens: every prompt takes many steps."""
+    e = make_engine(parts, max_prefill_tokens=7)
+    yield e
+    e.shutdown()
+
+
+def test_chunked_prefill_gives_the_same_tokens(parts, ids, chunky):
+    whole = make_engine(parts, passage_cache_bytes=0)
+    try:
+        for mixture in (Mixture.TOKEN, Mixture.CONCAT):
+            expected = asyncio.run(collect(whole, QUESTION, ids[:3], mixture, max_new_tokens=10))
+            for _ in range(2):  # cold, then from the passage cache
+                got = asyncio.run(collect(chunky, QUESTION, ids[:3], mixture, max_new_tokens=10))
+                assert token_ids(got) == token_ids(expected)
+                np.testing.assert_allclose(
+                    [t.logprob for t in got if isinstance(t, TokenEvent)],
+                    [t.logprob for t in expected if isinstance(t, TokenEvent)],
+                    atol=1e-4,
+                )
+        assert asyncio.run(collect(chunky, QUESTION, ids[:3]))[-1].usage.cached_prompt_tokens > 0
+    finally:
+        whole.shutdown()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_sequence_in_the_batch_equals_the_standalone_beam_search(parts, ids, chunky, fast):
+    gen = parts[0]
+    for _ in range(2):  # cold, then the prompts from the passage cache
+        events = asyncio.run(
+            collect(
+                chunky, QUESTION, ids[:3], Mixture.SEQUENCE, max_new_tokens=6, num_beams=3,
+                fast_sequence_decoding=fast, num_return_sequences=3,
+            )
+        )  # fmt: skip
+        passages = events[0].passages
+        direct = rag_sequence(
+            gen,
+            PromptTemplate.parse(gen.prompt_template),
+            [(p.title, p.text) for p in passages],
+            np.log([p.prior for p in passages]),
+            QUESTION,
+            num_beams=3,
+            max_new_tokens=6,
+            mode="fast" if fast else "thorough",
+            num_return_sequences=3,
+        )
+        assert token_ids(events) == direct.ids
+        done = events[-1]
+        np.testing.assert_allclose(done.posterior, direct.posterior, atol=1e-5)
+        assert [s.token_ids for s in done.sequences] == [r.ids for r in direct.ranked]
+        np.testing.assert_allclose(
+            [s.logprob for s in done.sequences], [r.logprob for r in direct.ranked], atol=1e-4
+        )
+
+
+def test_score_in_the_batch_equals_the_standalone_score(parts, ids, chunky):
+    gen = parts[0]
+    answer = "It returns a value from a generator."
+    for _ in range(2):  # cold, then from the passage cache
+        passages, got = asyncio.run(chunky.score(retrieval(QUESTION, ids[:3]), answer))
+        direct = score_answer(
+            gen,
+            PromptTemplate.parse(gen.prompt_template),
+            [(p.title, p.text) for p in passages],
+            np.log([p.prior for p in passages]),
+            QUESTION,
+            answer,
+        )
+        assert got.answer_ids == direct.answer_ids
+        for a, b in ((got.token, direct.token), (got.sequence, direct.sequence)):
+            np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
+            np.testing.assert_allclose(a.posterior, b.posterior, atol=1e-5)
+        np.testing.assert_allclose(got.concat.logprob, direct.concat.logprob, atol=1e-3)
+
+
+class StepLog(EngineObserver):
+    def __init__(self) -> None:
+        self.requests: list[int] = []
+        self.prefill_tokens: list[int] = []
+
+    def on_step(self, rows, requests, seconds):
+        self.requests.append(requests)
+
+    def on_prefill(self, rows, tokens, cached_tokens, seconds):
+        self.prefill_tokens.append(tokens)
+
+
+def test_sequence_score_and_token_requests_share_every_step(parts, ids):
+    """No whole-request job: while a RAG-Sequence request beams, a Score and a TOKEN stream run
+    in the same steps, and no prefill pass carries more than max_prefill_tokens tokens."""
+    log, gate = StepLog(), Gate()
+    e = make_engine(parts, observer=log, step_gate=gate, max_prefill_tokens=32)
+    try:
+
+        async def all_three():
+            seq = asyncio.ensure_future(
+                collect(e, QUESTION, ids[:3], Mixture.SEQUENCE, max_new_tokens=8, num_beams=2)
+            )
+            tok = asyncio.ensure_future(collect(e, QUESTION, ids[3:5], max_new_tokens=8))
+            score = asyncio.ensure_future(e.score(retrieval(QUESTION, ids[:2]), "It yields."))
+            while e.core.in_flight < 3:
+                await asyncio.sleep(0.01)
+            gate.open()
+            return await seq, await tok, await score
+
+        seq, tok, (_, scored) = asyncio.run(all_three())
+        assert isinstance(seq[-1], DoneEvent) and isinstance(tok[-1], DoneEvent)
+        assert np.isfinite(scored.token.logprob)
+        assert max(log.requests) == 3  # one step carried rows of all three
+        assert max(log.prefill_tokens) <= 32
+    finally:
+        e.shutdown()
+
+
+def test_passages_event_comes_first_and_nothing_follows_done(parts, ids, chunky):
+    events = asyncio.run(collect(chunky, QUESTION, ids[:2], max_new_tokens=5))
+    assert isinstance(events[0], PassagesEvent) and isinstance(events[-1], DoneEvent)
+    assert all(isinstance(e, TokenEvent) for e in events[1:-1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    remaining=st.lists(st.integers(1, 300), min_size=1, max_size=12),
+    budget=st.integers(1, 600),
+)
+def test_plan_chunk_fits_the_budget_keeps_fifo_and_computes_the_most(remaining, budget):
+    rows = [PrefillRow(list(range(n)), None) for n in remaining]
+    chunk = plan_chunk(rows, budget)
+    assert chunk.rows == rows[: len(chunk.rows)]  # a FIFO prefix
+    assert chunk.rows and chunk.tokens <= budget
+    assert all(1 <= c <= r.remaining for r, c in zip(chunk.rows, chunk.counts))
+
+    def useful(n: int) -> int:
+        width = min(max(remaining[:n]), budget // n)
+        return sum(min(r, width) for r in remaining[:n]) if width else 0
+
+    best = max(useful(n) for n in range(1, len(remaining) + 1))
+    assert sum(chunk.counts) == best
+
+
+def test_reorder_equals_select_and_rows_round_trip(parts):
+    gen = parts[0]
+    _, batch = kv.prefill(gen, [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
+    batch.last = np.array([10, 11, 12])
+    perm = np.array([2, 2, 0])
+    expected = kv.select(batch, perm)
+    got = kv.reorder(batch, perm)
+    for r in range(3):
+        for a, b in zip(kv.row_kv(expected, r), kv.row_kv(got, r)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got.last, [12, 12, 10])
+    rebuilt = kv.from_rows([kv.row_kv(got, r) for r in range(3)], got.last)
+    for r in range(3):
+        for a, b in zip(kv.row_kv(rebuilt, r), kv.row_kv(got, r)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(rebuilt.next_pos, got.next_pos)
