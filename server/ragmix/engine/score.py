@@ -1,4 +1,4 @@
-"""Score a given answer under the three mixtures of DESIGN.md §1, from one batched generator pass.
+"""Score a given answer under the three mixtures of docs/DESIGN.md § The model, from one batched generator pass.
 
 Every passage prompt (and the Concat prompt) is followed by the answer tokens and run as one row of
 a left-padded batch; the logits at the positions that predict the answer tokens give
