@@ -398,3 +398,21 @@ def test_reorder_equals_select_and_rows_round_trip(parts):
         for a, b in zip(kv.row_kv(rebuilt, r), kv.row_kv(got, r)):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(rebuilt.next_pos, got.next_pos)
+
+
+def test_assemble_equals_select_then_concat(parts):
+    gen = parts[0]
+    _, batch = kv.prefill(gen, [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3]])
+    _, other = kv.prefill(gen, [[9, 8, 7, 6, 5, 4], [2]])
+    new = [kv.row_kv(other, 0), kv.row_kv(other, 1)]
+    keep = np.array([3, 0, 1])
+    last = np.array([1, 2, 3, 4, 5])
+    got = kv.assemble(batch, keep, new, last)
+    expected = kv.concat(kv.select(batch, keep), kv.from_rows(new, last[3:]))
+    assert got.rows == expected.rows == 5
+    for r in range(5):
+        for a, b in zip(kv.row_kv(got, r), kv.row_kv(expected, r)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got.next_pos, expected.next_pos)
+    np.testing.assert_array_equal(got.last, last)
+    assert got.length == expected.length

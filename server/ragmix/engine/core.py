@@ -450,14 +450,17 @@ class EngineCore:
     def _rebuild_batch(
         self, keep: list[int], feed: list[int], joining: list[tuple[list[np.ndarray], int]]
     ) -> None:
-        """The next step's batch: the kept rows (reordered in place where only beams moved) fed
-        their next tokens, then the rows of the requests that start decoding."""
-        if keep != list(range(self.batch.rows)):
+        """The next step's batch: the kept rows fed their next tokens, then the rows of the
+        requests that start decoding. Beams that only move rows reorder in place; otherwise the
+        batch is assembled anew with one copy of each row."""
+        if not joining and len(keep) == self.batch.rows:
             self.batch = kv.reorder(self.batch, np.array(keep, np.int64))
-        self.batch.last[:] = feed
-        if joining:
-            new = kv.from_rows([k for k, _ in joining], np.array([t for _, t in joining]))
-            self.batch = kv.concat(self.batch, new)
+            self.batch.last[:] = feed
+            return
+        last = np.array([*feed, *(t for _, t in joining)], np.int64)
+        self.batch = kv.assemble(
+            self.batch, np.array(keep, np.int64), [k for k, _ in joining], last
+        )
 
     # ----------------------------------------------------------------- endings
 

@@ -264,3 +264,45 @@ def reorder(batch: Batch, rows: np.ndarray) -> Batch:
         batch.next_pos[moved] = batch.next_pos[src]
         batch.last[moved] = batch.last[src]
     return batch
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first destination, first source, length) of each run of consecutive source rows."""
+    out: list[tuple[int, int, int]] = []
+    for dst, src in enumerate(rows.tolist()):
+        if out and out[-1][1] + out[-1][2] == src:
+            d, s, n = out[-1]
+            out[-1] = (d, s, n + 1)
+        else:
+            out.append((dst, src, 1))
+    return out
+
+
+def assemble(
+    batch: Batch, keep: np.ndarray, rows: Sequence[list[np.ndarray]], last: np.ndarray
+) -> Batch:
+    """`concat(select(batch, keep), from_rows(rows, ...))` with one allocation and one copy of
+    each row: the kept rows (in order), then the new ones, all right-aligned; `last` is the token
+    every row of the result feeds next."""
+    keep = np.asarray(keep, np.int64)
+    mask = batch.mask[keep, : batch.length]
+    used = np.flatnonzero(mask.any(axis=0))
+    start = int(used[0]) if used.size else batch.length
+    kept_len = batch.length - start
+    lengths = [r[0].shape[2] for r in rows]
+    t = max([kept_len, *lengths])
+    n_keep = keep.shape[0]
+    total = n_keep + len(rows)
+    buffers = _buffers(batch.past, total, t + GROW)
+    full_mask = np.zeros((total, t + GROW), np.int64)
+    at = t - kept_len
+    for dst, src, n in _runs(keep):
+        for buf, old in zip(buffers, batch.past, strict=True):
+            buf[dst : dst + n, :, at:t] = old[src : src + n, :, start : batch.length]
+    full_mask[:n_keep, at:t] = mask[:, start:]
+    for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        for buf, layer in zip(buffers, row, strict=True):
+            buf[n_keep + i, :, t - n : t] = layer[0]
+        full_mask[n_keep + i, t - n : t] = 1
+    next_pos = np.concatenate([batch.next_pos[keep], np.array(lengths, np.int64)])
+    return Batch(buffers, full_mask, next_pos, np.asarray(last, np.int64).copy(), t)
