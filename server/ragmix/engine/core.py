@@ -297,8 +297,7 @@ class EngineCore:
     def _mix_tokens(self, groups: list[tuple[TokenRequest, np.ndarray]]) -> dict[int, tuple]:
         """The mixture kernel over every RAG-Token and Concat request of the step, in one call."""
         reqs = [r for r, _ in groups]
-        logits = np.concatenate([rows for _, rows in groups]) if len(groups) > 1 else groups[0][1]
-        logits = np.array(logits, np.float32)  # rows x V (a copy: EOS masking writes into it)
+        logits = _stacked([rows for _, rows in groups])  # rows x V (ours: EOS masking writes)
         offsets = np.zeros(len(reqs) + 1, np.int64)
         np.cumsum([rows.shape[0] for _, rows in groups], out=offsets[1:])
         eos = self.eos
@@ -512,3 +511,18 @@ class EngineCore:
 
     def _report_queue(self) -> None:
         self.observer.on_queue(len(self.scheduler.waiting), len(self.running), self.batch.rows)
+
+
+def _stacked(parts: list[np.ndarray]) -> np.ndarray:
+    """The row blocks as one array: a view when they are consecutive rows of one array (the
+    usual decode step), a copy otherwise."""
+    first = parts[0]
+    base = first.base if first.base is not None else first
+    if all(p.base is base for p in parts) and base.ndim == 2 and base.flags.c_contiguous:
+        row = base.strides[0]
+        starts = [(p.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // row
+                  for p in parts]  # fmt: skip
+        ends = [s + p.shape[0] for s, p in zip(starts, parts, strict=True)]
+        if all(e == s for e, s in zip(ends, starts[1:], strict=False)):
+            return base[starts[0] : ends[-1]]
+    return np.concatenate(parts)
