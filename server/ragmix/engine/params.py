@@ -26,7 +26,7 @@ UINT64_MAX = 2**64 - 1
 
 MIN_TEMPERATURE = 1e-4
 """Smallest sampling temperature above 0. The kernel's log-probs carry an error of up to ~4e-6
-(float32 exps, notes/kernel-facts.md); divided by T = 1e-4 that is 0.04 tempered nats, so the draw
+(float32 exps, docs/DESIGN.md § Performance model); divided by T = 1e-4 that is 0.04 tempered nats, so the draw
 is still decided by the mixture. Much below it rounding would decide, and below about 3e-39 the
 kernel's float32 1/T overflows, which turns the top token's weight into 0 * inf = NaN. For anything
 sharper than 1e-4 ask for 0 (greedy)."""

@@ -2,7 +2,7 @@
 
 Numba's `np.exp` / `math.exp` compile to a scalar libm call per element (the PyPI llvmlite has no
 SVML), which stops the loop from vectorising and makes a Numba softmax slower than numpy's
-(notes/kernel-facts.md). These versions are range reduction plus a polynomial, with the power of
+(docs/DESIGN.md § Performance model). These versions are range reduction plus a polynomial, with the power of
 two assembled from exponent bits through a bitcast, so a loop that calls them has no calls left.
 
 - `fexp32(x)`: float32 exp (Cephes expf polynomial), relative error ~2 ulp for x in [-87.3, 88];

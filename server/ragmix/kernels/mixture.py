@@ -1,6 +1,6 @@
 """The RAG-Token mixture step as one compiled Numba kernel (twin of `reference.py`, same results).
 
-Speed design (notes/kernel-facts.md): the cost is the K x V exponentials, so each logit gets exactly
+Speed design (docs/DESIGN.md § Performance model): the cost is the K x V exponentials, so each logit gets exactly
 one, in the probability domain,
 
     p_mix(v) ∝ sum_j pi_j exp(l_j[v] - m_j) / S_j,   pi_j = exp(log_prior_j - max_j log_prior_j),
