@@ -207,13 +207,6 @@ def test_a_refused_request_beside_a_long_stream_leaves_the_stream_alone(stub, pa
     assert "internal error" not in server.output()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request that does not parse (bad UTF-8 in a string field, a corrupt wire format) "
-    "fails in grpc's request deserializer, before the servicer and the error interceptor: the "
-    "client gets UNKNOWN and the log a traceback. The fix belongs in service/ (wrap the "
-    "handlers' request_deserializer in the interceptor and abort with INVALID_ARGUMENT).",
-)
 @pytest.mark.parametrize(
     ("method", "streaming", "raw"),
     [
