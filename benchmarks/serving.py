@@ -242,11 +242,8 @@ async def engine_ask(
 
 
 def engine_prompts(engine: Any, passages: list[Any], question: str, max_new_tokens: int):
-    """The exact prompt token ids and prior the engine built for these passages."""
-    from ragmix.engine.params import Mixture
-
-    prompts, _ = engine._prompts(passages, question, Mixture.TOKEN, max_new_tokens)
-    return [p.ids for p in prompts], [p.prior for p in passages]
+    """The exact prompt token ids and prior the engine builds for these passages (RAG-Token)."""
+    return [p.ids for p in engine._prompts(passages, question)], [p.prior for p in passages]
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
