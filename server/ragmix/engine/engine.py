@@ -40,7 +40,7 @@ from ragmix.models.generator import Generator
 
 LOG = logging.getLogger(__name__)
 
-_SERVER = ServerConfig()  # the one home of every default
+_SERVER = ServerConfig()  # the one home of every default (Limits takes its defaults there too)
 
 
 def _default(name: str):

@@ -12,6 +12,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from ragmix.config import ServerConfig
 from ragmix.errors import ValidationError
 
 MAX_STOP_STRINGS = 16
@@ -54,15 +55,19 @@ class Mixture(enum.IntEnum):
     CONCAT = 3  # all passages in one prompt: the baseline
 
 
+_SERVER = ServerConfig()  # the one home of every default
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The bounds and defaults a request is checked against (ServerConfig's request limits)."""
+    """The bounds and defaults a request is checked against: ServerConfig's request limits, by
+    name (EngineConfig.from_server); the defaults are ServerConfig's too."""
 
-    max_top_k: int = 20
-    default_top_k: int = 5
-    max_new_tokens: int = 512
-    default_max_new_tokens: int = 128
-    max_query_chars: int = 2000
+    max_top_k: int = _SERVER.max_top_k
+    default_top_k: int = _SERVER.default_top_k
+    max_new_tokens: int = _SERVER.max_new_tokens
+    default_max_new_tokens: int = _SERVER.default_max_new_tokens
+    max_query_chars: int = _SERVER.max_query_chars
 
 
 def _fail(name: str, allowed: str, value: object) -> ValidationError:
