@@ -368,7 +368,7 @@ def test_passages_event_comes_first_and_nothing_follows_done(parts, ids, chunky)
     budget=st.integers(1, 600),
 )
 def test_plan_chunk_fits_the_budget_keeps_fifo_and_computes_the_most(remaining, budget):
-    rows = [PrefillRow(list(range(n)), None) for n in remaining]
+    rows = [PrefillRow(list(range(n))) for n in remaining]
     chunk = plan_chunk(rows, budget)
     assert chunk.rows == rows[: len(chunk.rows)]  # a FIFO prefix
     assert chunk.rows and chunk.tokens <= budget
@@ -393,7 +393,7 @@ def test_reorder_equals_select_and_rows_round_trip(parts):
         for a, b in zip(kv.row_kv(expected, r), kv.row_kv(got, r)):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(got.last, [12, 12, 10])
-    rebuilt = kv.from_rows([kv.row_kv(got, r) for r in range(3)], got.last)
+    rebuilt = kv.from_rows([[kv.row_kv(got, r)] for r in range(3)], got.last)
     for r in range(3):
         for a, b in zip(kv.row_kv(rebuilt, r), kv.row_kv(got, r)):
             np.testing.assert_array_equal(a, b)
@@ -404,7 +404,7 @@ def test_assemble_equals_select_then_concat(parts):
     gen = parts[0]
     _, batch = kv.prefill(gen, [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3]])
     _, other = kv.prefill(gen, [[9, 8, 7, 6, 5, 4], [2]])
-    new = [kv.row_kv(other, 0), kv.row_kv(other, 1)]
+    new = [[kv.row_kv(other, 0)], [kv.row_kv(other, 1)]]
     keep = np.array([3, 0, 1])
     last = np.array([1, 2, 3, 4, 5])
     got = kv.assemble(batch, keep, new, last)

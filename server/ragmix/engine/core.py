@@ -229,14 +229,17 @@ class EngineCore:
             prompts = [r.prompts[j] for j in r.active]
         hits = 0
         for p in prompts:
-            key = prefix_key(self.generator.fingerprint, p.passage) if p.passage else None
-            cached = self.passage_cache.get(key) if self.passage_cache and key else None
+            cache = self.passage_cache
+            key = None
+            if cache is not None and p.passage:
+                key = prefix_key(self.generator.fingerprint, p.passage)
+            cached = cache.get(key) if key else None
             if cached is not None:
                 hits += 1
                 r.cached_prompt_tokens += len(p.passage)
-                row = PrefillRow(p.rest + suffix, cached.past, len(suffix), keep, keep)
+                row = PrefillRow(p.rest + suffix, [cached.past], len(suffix), keep, keep)
             else:
-                row = PrefillRow(p.ids + suffix, None, len(suffix), keep, keep, key, p.passage)
+                row = PrefillRow(p.ids + suffix, [], len(suffix), keep, keep, key, p.passage)
             r.prefill.append(row)
         if self.passage_cache is not None:
             cache = self.passage_cache

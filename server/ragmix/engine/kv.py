@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ragmix.models.generator import Generator
 
 GROW = 64  # spare slots allocated at a time: attention reads at most this many masked slots
+Pieces = list[list[np.ndarray]]  # a row's KV in consecutive pieces, 2*layers x [1, h, n_i, hd]
 
 
 @dataclass
@@ -60,31 +61,44 @@ def _buffers(like: list[np.ndarray], rows: int, capacity: int) -> list[np.ndarra
     return [np.zeros((rows, a.shape[1], capacity, a.shape[3]), a.dtype) for a in like]
 
 
+@dataclass
+class Pass:
+    """One pass over rows of new tokens: the logits asked for and the new tokens' KV."""
+
+    logits: np.ndarray  # rows x W x V
+    new: list[np.ndarray]  # 2*layers x [rows, kv_heads, S, head_dim]: row i's are its last n_i
+    past: list[np.ndarray]  # 2*layers x [rows, kv_heads, P, head_dim]: the prefixes, padded
+    mask: np.ndarray  # rows x P+S
+    prefix_lengths: list[int]
+
+    def new_slots(self, row: int, n: int) -> list[np.ndarray]:
+        """A copy of row `row`'s n new tokens' KV: 2*layers x [1, kv_heads, n, head_dim]."""
+        s = self.new[0].shape[2]
+        return [np.ascontiguousarray(a[row : row + 1, :, s - n :]) for a in self.new]
+
+
 def run_rows(
     generator: Generator,
     tokens: Sequence[Sequence[int]],
-    prefixes: Sequence[list[np.ndarray] | None],
+    prefixes: Sequence[Pieces],
     logits_at: Sequence[Sequence[int]],
-) -> tuple[np.ndarray, Batch]:
+) -> Pass:
     """One pass over rows of new tokens, row i continuing from prefixes[i] (its KV so far).
 
-    prefixes[i]: 2*layers x [1, kv_heads, P_i, head_dim] or None. Cached prefixes are right-aligned
-    in a past of length max P_i, new tokens right-aligned after it; the mask skips the padding
-    between, and positions count only real slots, so a row computes exactly what it would alone.
-    logits_at[i]: indices into tokens[i] (non-empty) whose next-token logits are wanted. Returns
-    logits rows x W x V (W = the longest logits_at; shorter lists repeat their last index) and the
-    rows' KV as a batch whose `last` is unset (-1); `row_kv` takes one row's real slots out of it.
+    prefixes[i]: the row's KV as pieces (possibly none). Prefixes are right-aligned in a past of
+    length max P_i, new tokens right-aligned after it; the mask skips the padding between, and
+    positions count only real slots, so a row computes exactly what it would alone. logits_at[i]:
+    indices into tokens[i] (non-empty) whose next-token logits are wanted; the logits come back
+    rows x W x V (W = the longest logits_at; shorter lists repeat their last index).
     """
     n, s = len(tokens), max(len(t) for t in tokens)
-    plen = [0 if x is None else x[0].shape[2] for x in prefixes]
+    plen = [pieces_len(x) for x in prefixes]
     p = max(plen)
     past = generator.empty_cache(n)
     if p:
         past = [np.zeros((n, a.shape[1], p, a.shape[3]), a.dtype) for a in past]
         for i, prefix in enumerate(prefixes):
-            if prefix is not None:
-                for layer, cached in zip(past, prefix, strict=True):
-                    layer[i, :, p - plen[i] :] = cached[0]  # kv_heads x P_i x head_dim
+            _write(past, i, p - plen[i], prefix)
     ids = np.zeros((n, s), np.int64)  # rows x S
     mask = np.zeros((n, p + s), np.int64)  # rows x P+S
     width = max(len(w) for w in logits_at)
@@ -99,15 +113,7 @@ def run_rows(
         logits_index[i, at.size :] = at[-1]
     positions = positions_from_mask(mask, s)  # rows x S
     logits, new = generator.forward_new(ids, mask, positions, past, logits_index)
-    length = p + s
-    buffers = _buffers(new, n, length + GROW)
-    for buf, old, fresh in zip(buffers, past, new, strict=True):
-        buf[:, :, :p] = old
-        buf[:, :, p:length] = fresh
-    full_mask = np.zeros((n, length + GROW), np.int64)
-    full_mask[:, :length] = mask
-    lengths = np.array([a + len(b) for a, b in zip(plen, tokens, strict=True)], np.int64)
-    return logits, Batch(buffers, full_mask, lengths, np.full(n, -1, np.int64), length)
+    return Pass(logits, new, past, mask, plen)
 
 
 def prefill(
@@ -120,9 +126,18 @@ def prefill(
     Row i continues from prefixes[i] when given (see `run_rows`). The new tokens of row i occupy the
     last len(prompts[i]) slots of the returned batch.
     """
-    prefixes = prefixes if prefixes is not None else [None] * len(prompts)
-    logits, batch = run_rows(generator, prompts, prefixes, [[len(p) - 1] for p in prompts])
-    return logits[:, 0, :], batch  # rows x V
+    pieces = [[] if x is None else [x] for x in (prefixes or [None] * len(prompts))]
+    out = run_rows(generator, prompts, pieces, [[len(p) - 1] for p in prompts])
+    n, p, length = len(prompts), out.past[0].shape[2], out.mask.shape[1]
+    buffers = _buffers(out.new, n, length + GROW)
+    for buf, old, fresh in zip(buffers, out.past, out.new, strict=True):
+        buf[:, :, :p] = old
+        buf[:, :, p:length] = fresh
+    full_mask = np.zeros((n, length + GROW), np.int64)
+    full_mask[:, :length] = out.mask
+    lengths = np.array([a + len(b) for a, b in zip(out.prefix_lengths, prompts, strict=True)])
+    batch = Batch(buffers, full_mask, lengths.astype(np.int64), np.full(n, -1, np.int64), length)
+    return out.logits[:, 0, :], batch  # rows x V
 
 
 def row_kv(batch: Batch, row: int) -> list[np.ndarray]:
@@ -134,19 +149,54 @@ def row_kv(batch: Batch, row: int) -> list[np.ndarray]:
     return [a[row : row + 1][:, :, used] for a in batch.past]
 
 
-def from_rows(rows: Sequence[list[np.ndarray]], last: np.ndarray) -> Batch:
-    """A batch of the given rows' KV (each 2*layers x [1, kv_heads, n_i, head_dim]), right-aligned.
+def pieces_len(pieces: Pieces) -> int:
+    return sum(p[0].shape[2] for p in pieces)
+
+
+def _write(buffers: list[np.ndarray], row: int, start: int, pieces: Pieces) -> None:
+    """Write a row's pieces into buffers[:][row] from slot `start` on."""
+    for piece in pieces:
+        n = piece[0].shape[2]
+        for buf, layer in zip(buffers, piece, strict=True):
+            buf[row, :, start : start + n] = layer[0]  # kv_heads x n x head_dim
+        start += n
+
+
+def join(pieces: Pieces, length: int | None = None) -> list[np.ndarray]:
+    """The first `length` slots (default all) of a row's pieces as one KV (a copy)."""
+    total = pieces_len(pieces) if length is None else length
+    out = [np.empty((1, a.shape[1], total, a.shape[3]), a.dtype) for a in pieces[0]]
+    start = 0
+    for piece in pieces:
+        n = min(piece[0].shape[2], total - start)
+        if n <= 0:
+            break
+        for buf, layer in zip(out, piece, strict=True):
+            buf[:, :, start : start + n] = layer[:, :, :n]
+        start += n
+    return out
+
+
+def drop_last(pieces: Pieces) -> Pieces:
+    """The row's pieces without its last slot (views, no copy)."""
+    *head, last = pieces
+    if last[0].shape[2] == 1:
+        return head
+    return [*head, [a[:, :, :-1] for a in last]]
+
+
+def from_rows(rows: Sequence[Pieces], last: np.ndarray) -> Batch:
+    """A batch of the given rows' KV (pieces each), right-aligned.
 
     `last` [rows] is the token each row feeds next; its position is the row's length.
     """
-    lengths = np.array([r[0].shape[2] for r in rows], np.int64)
+    lengths = np.array([pieces_len(r) for r in rows], np.int64)
     t = int(lengths.max())
-    buffers = _buffers(rows[0], len(rows), t + GROW)
+    buffers = _buffers(rows[0][0], len(rows), t + GROW)
     mask = np.zeros((len(rows), t + GROW), np.int64)
     for i, row in enumerate(rows):
         start = t - int(lengths[i])
-        for buf, layer in zip(buffers, row, strict=True):
-            buf[i, :, start:t] = layer[0]
+        _write(buffers, i, start, row)
         mask[i, start:t] = 1
     return Batch(buffers, mask, lengths, np.asarray(last, np.int64).copy(), t)
 
@@ -257,9 +307,11 @@ def reorder(batch: Batch, rows: np.ndarray) -> Batch:
         return select(batch, rows)
     moved = np.flatnonzero(rows != np.arange(batch.rows))
     if moved.size:
-        src = rows[moved]
+        src, t = rows[moved], batch.length
         for buf in batch.past:
-            buf[moved] = buf[src]  # the right side is gathered first, so overlaps are safe
+            buf[moved, :, :t] = buf[
+                src, :, :t
+            ]  # the right side is gathered first: overlaps are safe
         batch.mask[moved] = batch.mask[src]
         batch.next_pos[moved] = batch.next_pos[src]
         batch.last[moved] = batch.last[src]
@@ -278,9 +330,7 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     return out
 
 
-def assemble(
-    batch: Batch, keep: np.ndarray, rows: Sequence[list[np.ndarray]], last: np.ndarray
-) -> Batch:
+def assemble(batch: Batch, keep: np.ndarray, rows: Sequence[Pieces], last: np.ndarray) -> Batch:
     """`concat(select(batch, keep), from_rows(rows, ...))` with one allocation and one copy of
     each row: the kept rows (in order), then the new ones, all right-aligned; `last` is the token
     every row of the result feeds next."""
@@ -289,7 +339,7 @@ def assemble(
     used = np.flatnonzero(mask.any(axis=0))
     start = int(used[0]) if used.size else batch.length
     kept_len = batch.length - start
-    lengths = [r[0].shape[2] for r in rows]
+    lengths = [pieces_len(r) for r in rows]
     t = max([kept_len, *lengths])
     n_keep = keep.shape[0]
     total = n_keep + len(rows)
@@ -301,8 +351,7 @@ def assemble(
             buf[dst : dst + n, :, at:t] = old[src : src + n, :, start : batch.length]
     full_mask[:n_keep, at:t] = mask[:, start:]
     for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-        for buf, layer in zip(buffers, row, strict=True):
-            buf[n_keep + i, :, t - n : t] = layer[0]
+        _write(buffers, n_keep + i, t - n, row)
         full_mask[n_keep + i, t - n : t] = 1
     next_pos = np.concatenate([batch.next_pos[keep], np.array(lengths, np.int64)])
     return Batch(buffers, full_mask, next_pos, np.asarray(last, np.int64).copy(), t)

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)
 class PrefillRow:
-    tokens: list[int]  # computed by this row, after `prefix`
-    prefix: list[np.ndarray] | None  # 2*layers x [1, kv_heads, P, head_dim]: KV before `tokens`
+    tokens: list[int]  # computed by this row, after its prefix
+    prefix: kv.Pieces = field(default_factory=list)  # the KV before `tokens` (shared, not copied)
     scored: int = 0  # log p(t | before) wanted for the last `scored` tokens
     keep_logits: bool = False  # keep the logits after the last token (decoding starts there)
     keep_kv: bool = False  # keep prefix + tokens KV once done (the row joins the decode batch)
@@ -36,9 +36,10 @@ class PrefillRow:
         None  # store the KV of the `cache_ids` (the first slots) under this key
     )
     cache_ids: Sequence[int] = ()
+    parent: PrefillRow | None = None  # when given, the prefix is the parent's KV but its last slot
     # Progress, written by commit_chunk only.
     done: int = 0  # tokens computed so far
-    kv: list[np.ndarray] | None = None  # prefix + the tokens done (while unfinished, or keep_kv)
+    kv: kv.Pieces = field(default_factory=list)  # prefix + the tokens done (while needed)
     logprobs: list[float] = field(default_factory=list)  # of the scored tokens, in order
     logits: np.ndarray | None = None  # V: after the last token (keep_logits)
 
@@ -50,7 +51,12 @@ class PrefillRow:
                 f"scored must be in [0, {len(self.tokens) - 1}] (the first token has no "
                 f"predictor in this row), got {self.scored}."
             )
-        self.kv = self.prefix
+        self.kv = list(self.prefix)
+
+    @property
+    def ready(self) -> bool:
+        """Whether its prefix is known: no parent, or the parent has finished."""
+        return self.parent is None or self.parent.finished
 
     @property
     def remaining(self) -> int:
@@ -62,7 +68,13 @@ class PrefillRow:
 
     @property
     def prefix_len(self) -> int:
-        return 0 if self.prefix is None else self.prefix[0].shape[2]
+        return kv.pieces_len(self.prefix)
+
+    def start(self) -> None:
+        """Take the parent's KV as the prefix, once it is there (before the first chunk)."""
+        if self.parent is not None and self.done == 0 and not self.prefix:
+            self.prefix = kv.drop_last(self.parent.kv)
+            self.kv = list(self.prefix)
 
     def wanted(self, lo: int, hi: int) -> list[int]:
         """Indices t in [lo, hi) of `tokens` whose next-token logits this row needs."""
@@ -89,10 +101,13 @@ class Chunk:
 
 @dataclass
 class ChunkOutput:
-    logits: np.ndarray  # rows x W x V
-    batch: kv.Batch  # the rows' KV after the pass
+    passed: kv.Pass  # the generator pass: logits rows x W x V and the rows' new KV
     wanted: list[list[int]]  # per row, the token indices (in the row) whose logits came back
     logprobs: np.ndarray  # float64, the scored tokens' log-probs of all rows, in row order
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.passed.logits
 
 
 def plan_chunk(pending: Sequence[PrefillRow], budget: int) -> Chunk:
@@ -123,8 +138,10 @@ def run_chunk(generator: Generator, chunk: Chunk) -> ChunkOutput:
         [t - r.done for t in w] or [n - 1]
         for r, w, n in zip(chunk.rows, wanted, chunk.counts, strict=True)
     ]
-    logits, batch = kv.run_rows(generator, pieces, [r.kv for r in chunk.rows], logits_at)
-    return ChunkOutput(logits, batch, wanted, scored_logprobs(logits, chunk.rows, wanted))
+    for r in chunk.rows:
+        r.start()
+    passed = kv.run_rows(generator, pieces, [r.kv for r in chunk.rows], logits_at)
+    return ChunkOutput(passed, wanted, scored_logprobs(passed.logits, chunk.rows, wanted))
 
 
 def scored_logprobs(
@@ -154,17 +171,15 @@ def commit_chunk(chunk: Chunk, out: ChunkOutput, cache: PassageCache | None) -> 
         row.done += n
         if row.keep_logits and row.finished:
             row.logits = out.logits[i, len(w) - 1].copy()  # V
-        needs_kv = not row.finished or row.keep_kv
+        if not row.finished or row.keep_kv or row.cache_key is not None:
+            row.kv = [*row.kv, out.passed.new_slots(i, n)]  # only the new slots are copied
         store = (
             cache is not None
             and row.cache_key is not None
             and row.prefix_len + row.done >= len(row.cache_ids)
         )
-        if needs_kv or store:
-            row.kv = kv.row_kv(out.batch, i)
         if store:
-            n_cached = len(row.cache_ids)
-            cache.put(row.cache_key, row.cache_ids, [a[:, :, :n_cached] for a in row.kv])
+            cache.put(row.cache_key, row.cache_ids, kv.join(row.kv, len(row.cache_ids)))
             row.cache_key = None
-        if not needs_kv:
-            row.kv = None
+        if row.finished and not row.keep_kv:
+            row.kv = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ragmix.engine import kv
 from ragmix.engine.detokenize import IncrementalDetokenizer, StopMatcher
 from ragmix.engine.outputs import (
     DoneEvent,
@@ -37,11 +38,11 @@ from ragmix.engine.score import ScoreResult, score_result
 from ragmix.engine.sequence import (
     BeamState,
     Candidates,
+    Radix,
     SequenceAnswer,
     candidates,
     fast_logprobs,
     marginalize,
-    rescoring_rows,
     thorough_table,
 )
 
@@ -215,9 +216,10 @@ class SequenceRequest(TokenRequest):
     beams: list[BeamState] = field(default_factory=list)  # one per active passage
     row_beam: list[int] = field(default_factory=list)  # per decode row: its index into `beams`
     steps: int = 0  # beam steps taken
-    prompt_kv: list[list[np.ndarray]] = field(default_factory=list)  # per active passage
+    prompt_kv: list[kv.Pieces] = field(default_factory=list)  # per active passage
     found: Candidates = field(default_factory=dict)
-    rescoring: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    radix: Radix | None = None  # the candidates' radix tree (thorough rescoring)
+    edge_rows: list[list[PrefillRow]] = field(default_factory=list)  # per active passage, edge
 
     @property
     def starts_decoding(self) -> bool:
@@ -257,28 +259,42 @@ class SequenceRequest(TokenRequest):
         return all(s.done for s in self.beams)
 
     def rescoring_prefill(self) -> list[PrefillRow]:
-        """ "thorough": every candidate under every passage, continuing from that passage's prompt
-        KV (all but its last token, which predicts the candidate's first)."""
+        """Thorough rescoring: every candidate under every passage, as prefill rows.
+
+        The candidates form a radix tree (their shared prefixes, e.g. one passage's beams, are
+        computed once per passage): one row per edge and passage, continuing from its parent
+        edge's KV, or for the first edges from the passage's prompt KV; every row first
+        recomputes the token before its edge, whose logits predict the edge's first token.
+        """
         self.found = candidates(self.active, [s.finished for s in self.beams])
-        self.rescoring = rescoring_rows(self.active, self.found)
-        at = {j: i for i, j in enumerate(self.active)}
-        rows = []
-        for j, key in self.rescoring:
-            past = self.prompt_kv[at[j]]
-            rows.append(
-                PrefillRow(
-                    [self.prompts[j].ids[-1], *key],
-                    [a[:, :, :-1] for a in past],
-                    scored=len(key),
+        self.radix = Radix.of(list(self.found))
+        inner = self.radix.has_children()
+        self.edge_rows = []
+        for a, j in enumerate(self.active):
+            prompt = self.prompt_kv[a]
+            rows: list[PrefillRow] = []
+            for e, (parent, tokens) in enumerate(self.radix.edges):
+                if parent < 0:
+                    before, prefix, up = self.prompts[j].ids[-1], kv.drop_last(prompt), None
+                else:
+                    before, prefix, up = self.radix.edges[parent][1][-1], [], rows[parent]
+                rows.append(
+                    PrefillRow(
+                        [before, *tokens], prefix, scored=len(tokens), keep_kv=inner[e], parent=up
+                    )
                 )
-            )
-        return rows
+            self.edge_rows.append(rows)
+        return [row for rows in self.edge_rows for row in rows]
 
     def answer(self) -> SequenceAnswer:
         """Marginalise over the candidates: rescored (thorough) or as the beams scored them."""
         k = len(self.prompts)
         if self.thorough:
-            flat = [np.array(r.logprobs) for r in self.prefill]
+            flat = [  # in rescoring_rows order: candidate-major, then passage
+                np.concatenate([self.edge_rows[a][e].logprobs for e in path])
+                for path in self.radix.paths
+                for a in range(len(self.active))
+            ]
             lps = thorough_table(flat, self.active, self.found, k)
         else:
             self.found = candidates(self.active, [s.finished for s in self.beams])

@@ -70,7 +70,7 @@ class Scheduler:
         owner: dict[int, Request] = {}
         for r in running:
             for row in r.prefill:
-                if not row.finished:
+                if not row.finished and row.ready:
                     pending.append(row)
                     owner[id(row)] = r
         chunk = plan_chunk(pending, self.limits.max_prefill_tokens)

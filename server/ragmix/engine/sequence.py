@@ -244,6 +244,48 @@ def rescoring_rows(active: Sequence[int], found: Candidates) -> list[tuple[int, 
     return [(j, key) for key in found for j in active]
 
 
+@dataclass
+class Radix:
+    """The candidates as a radix tree: rescoring computes each shared prefix once per passage."""
+
+    edges: list[tuple[int, tuple[int, ...]]]  # (parent edge or -1, tokens), parents first
+    paths: list[list[int]]  # per candidate (in order), the edges from the root to it
+
+    @classmethod
+    def of(cls, keys: Sequence[tuple[int, ...]]) -> Radix:
+        trie: dict = {}
+        for c, key in enumerate(keys):
+            node = trie
+            for t in key:
+                node = node.setdefault(t, {})
+            node.setdefault(None, []).append(c)  # candidates ending here
+        edges: list[tuple[int, tuple[int, ...]]] = []
+        paths: list[list[int]] = [[] for _ in keys]
+        stack: list[tuple[dict, int, list[int]]] = [(trie, -1, [])]
+        while stack:
+            node, parent, path = stack.pop()
+            for t, child in node.items():
+                if t is None:
+                    continue
+                tokens = [t]
+                while None not in child and len(child) == 1:
+                    ((t, child),) = child.items()
+                    tokens.append(t)
+                edges.append((parent, tuple(tokens)))
+                here = [*path, len(edges) - 1]
+                for c in child.get(None, []):
+                    paths[c] = here
+                stack.append((child, len(edges) - 1, here))
+        return cls(edges, paths)
+
+    def has_children(self) -> list[bool]:
+        out = [False] * len(self.edges)
+        for parent, _ in self.edges:
+            if parent >= 0:
+                out[parent] = True
+        return out
+
+
 def thorough_table(
     flat: Sequence[np.ndarray], active: Sequence[int], found: Candidates, k: int
 ) -> list[np.ndarray]:
