@@ -218,7 +218,7 @@ class SequenceRequest(TokenRequest):
     steps: int = 0  # beam steps taken
     prompt_kv: list[kv.Pieces] = field(default_factory=list)  # per active passage
     found: Candidates = field(default_factory=dict)
-    radix: Radix | None = None  # the candidates' radix tree (thorough rescoring)
+    radix: list[Radix] = field(default_factory=list)  # per active passage: what it rescores
     edge_rows: list[list[PrefillRow]] = field(default_factory=list)  # per active passage, edge
 
     @property
@@ -261,41 +261,59 @@ class SequenceRequest(TokenRequest):
     def rescoring_prefill(self) -> list[PrefillRow]:
         """Thorough rescoring: every candidate under every passage, as prefill rows.
 
-        The candidates form a radix tree (their shared prefixes, e.g. one passage's beams, are
-        computed once per passage): one row per edge and passage, continuing from its parent
-        edge's KV, or for the first edges from the passage's prompt KV; every row first
+        A candidate that passage j's own beams produced keeps the log-probs its beam computed
+        under j (the same numbers); the others form, per passage, a radix tree (shared prefixes,
+        e.g. another passage's beams, computed once): one row per edge, continuing from its
+        parent edge's KV, or for the first edges from the passage's prompt KV; every row first
         recomputes the token before its edge, whose logits predict the edge's first token.
         """
         self.found = candidates(self.active, [s.finished for s in self.beams])
-        self.radix = Radix.of(list(self.found))
-        inner = self.radix.has_children()
-        self.edge_rows = []
+        self.radix, self.edge_rows = [], []
         for a, j in enumerate(self.active):
-            prompt = self.prompt_kv[a]
+            radix = Radix.of([key for key, by in self.found.items() if j not in by])
+            inner = radix.has_children()
             rows: list[PrefillRow] = []
-            for e, (parent, tokens) in enumerate(self.radix.edges):
+            for e, (parent, tokens) in enumerate(radix.edges):
                 if parent < 0:
-                    before, prefix, up = self.prompts[j].ids[-1], kv.drop_last(prompt), None
+                    before, prefix = self.prompts[j].ids[-1], kv.drop_last(self.prompt_kv[a])
+                    up = None
                 else:
-                    before, prefix, up = self.radix.edges[parent][1][-1], [], rows[parent]
+                    before, prefix, up = radix.edges[parent][1][-1], [], rows[parent]
                 rows.append(
                     PrefillRow(
                         [before, *tokens], prefix, scored=len(tokens), keep_kv=inner[e], parent=up
                     )
                 )
+            self.radix.append(radix)
             self.edge_rows.append(rows)
-        return [row for rows in self.edge_rows for row in rows]
+        # Depth first, then the longest: a chunk pads its rows to the longest piece, so rows
+        # of like length go together (a parent always comes before its children).
+        depth: dict[int, int] = {}
+        for row in (r for rows in self.edge_rows for r in rows):
+            depth[id(row)] = 0 if row.parent is None else depth[id(row.parent)] + 1
+        flat = [row for rows in self.edge_rows for row in rows]
+        return sorted(flat, key=lambda r: (depth[id(r)], -len(r.tokens)))
+
+    def _rescored(self) -> list[np.ndarray]:
+        """log p(c_t | x, z_j, c_<t) of every candidate under every active passage, in
+        `rescoring_rows` order (candidate-major, then passage)."""
+        out = []
+        seen = [0] * len(self.active)  # per passage: candidates its radix tree holds so far
+        for by in self.found.values():
+            for a, j in enumerate(self.active):
+                if j in by:
+                    out.append(np.asarray(by[j].token_logprobs, np.float64))
+                    continue
+                path = self.radix[a].paths[seen[a]]
+                seen[a] += 1
+                out.append(np.concatenate([self.edge_rows[a][e].logprobs for e in path]))
+        return out
 
     def answer(self) -> SequenceAnswer:
         """Marginalise over the candidates: rescored (thorough) or as the beams scored them."""
         k = len(self.prompts)
         if self.thorough:
-            flat = [  # in rescoring_rows order: candidate-major, then passage
-                np.concatenate([self.edge_rows[a][e].logprobs for e in path])
-                for path in self.radix.paths
-                for a in range(len(self.active))
-            ]
-            lps = thorough_table(flat, self.active, self.found, k)
+            lps = thorough_table(self._rescored(), self.active, self.found, k)
         else:
             self.found = candidates(self.active, [s.finished for s in self.beams])
             lps = fast_logprobs(self.found, k)
