@@ -214,6 +214,42 @@ def test_a_failing_mixture_ends_only_the_request_whose_rows_raise(parts, ids, mo
         e.shutdown()
 
 
+def test_a_failing_update_ends_only_its_request(parts, ids, monkeypatch):
+    """A request whose own bookkeeping raises mid-stream (after two tokens) ends with the error;
+    the request decoding beside it keeps its rows and its answer."""
+    from ragmix.engine.request import TokenRequest
+
+    alone = answer_alone(parts, QUESTION, ids[:2], max_new_tokens=16)
+    real = TokenRequest.on_token
+
+    def on_token(self, token, *rest):
+        if self.decoding.top_k == 7 and len(self.tokens) == 2:
+            raise ArithmeticError("poisoned bookkeeping")
+        return real(self, token, *rest)
+
+    monkeypatch.setattr(TokenRequest, "on_token", on_token)
+    gate = Gate()
+    e = make_engine(parts, step_gate=gate)
+    try:
+
+        async def both():
+            normal = asyncio.ensure_future(
+                outcome(collect(e, QUESTION, ids[:2], max_new_tokens=16))
+            )
+            bad = asyncio.ensure_future(outcome(collect(e, POISON_QUESTION, ids[2:4], top_k=7)))
+            while e.core.in_flight < 2:
+                await asyncio.sleep(0.01)
+            gate.open()
+            return await normal, await bad
+
+        normal, bad = asyncio.run(both())
+        assert isinstance(bad, ArithmeticError)
+        assert token_ids(normal) == token_ids(alone)
+        assert e.in_flight == 0 and e.core.batch.rows == 0
+    finally:
+        e.shutdown()
+
+
 def test_everything_refusable_is_refused_before_the_first_event(parts, ids):
     """Defect 2: the KV budget, the batch's rows and the context are checked before `passages`."""
     e = make_engine(parts, max_batch_tokens=200, max_batch_rows=20)
@@ -382,37 +418,61 @@ def test_plan_chunk_fits_the_budget_keeps_fifo_and_computes_the_most(remaining, 
     assert sum(chunk.counts) == best
 
 
-def test_reorder_equals_select_and_rows_round_trip(parts):
+def test_running_batch_decodes_as_a_fresh_batch_through_leaves_joins_and_moves(parts):
+    """Rows that leave, join (longer than the write column), move (beams) and outgrow the slot
+    capacity in place give the same logits as the plain batch that select() rebuilds each time."""
+    from ragmix.engine.rows import RunningBatch
+
     gen = parts[0]
-    _, batch = kv.prefill(gen, [[1, 2, 3], [4, 5], [6, 7, 8, 9]])
-    batch.last = np.array([10, 11, 12])
-    perm = np.array([2, 2, 0])
-    expected = kv.select(batch, perm)
-    got = kv.reorder(batch, perm)
-    for r in range(3):
-        for a, b in zip(kv.row_kv(expected, r), kv.row_kv(got, r)):
-            np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(got.last, [12, 12, 10])
-    rebuilt = kv.from_rows([[kv.row_kv(got, r)] for r in range(3)], got.last)
-    for r in range(3):
-        for a, b in zip(kv.row_kv(rebuilt, r), kv.row_kv(got, r)):
-            np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(rebuilt.next_pos, got.next_pos)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
+    _, fresh = kv.prefill(gen, prompts)
+    fresh.last = np.arange(10, 15)
+    rb = RunningBatch(gen)
+    assert rb.add([[kv.row_kv(fresh, i)] for i in range(4)], fresh.last[:4]) == [0, 1, 2, 3]
+    ref = kv.select(fresh, np.arange(4))
+
+    def step(tokens):
+        a = kv.decode(gen, ref)
+        b, new = kv.decode_forward(gen, rb.view)
+        rb.append(new)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        ref.last[:] = tokens
+        rb.last[:] = tokens
+
+    for t in range(3):
+        step(np.arange(4) + 20 + t)
+    moved = rb.free([1])  # the last row fills slot 1
+    assert moved == {3: 1} and rb.rows == 3
+    ref = kv.select(ref, np.array([0, 3, 2]))
+    step(np.array([30, 31, 32]))
+    # The longest prompt joins: longer than the write column, so the others get holes.
+    _, long = kv.prefill(gen, [prompts[4] * 3])
+    assert rb.add([[kv.row_kv(long, 0)]], [40]) == [3]
+    _, long_ref = kv.prefill(gen, [prompts[4] * 3])
+    long_ref.last = np.array([40])
+    merged = _concat(ref, long_ref)
+    ref = merged
+    step(np.array([41, 42, 43, 44]))
+    rb.move([0, 1], [2, 2])  # beams: rows 0 and 1 become copies of row 2
+    ref = kv.select(ref, np.array([2, 2, 2, 3]))
+    for t in range(70):  # past the slot capacity: reallocated without the unused leading slots
+        step(np.array([50, 51, 52, 53]) + t)
+    assert rb.length <= ref.length
 
 
-def test_assemble_equals_select_then_concat(parts):
-    gen = parts[0]
-    _, batch = kv.prefill(gen, [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3]])
-    _, other = kv.prefill(gen, [[9, 8, 7, 6, 5, 4], [2]])
-    new = [[kv.row_kv(other, 0)], [kv.row_kv(other, 1)]]
-    keep = np.array([3, 0, 1])
-    last = np.array([1, 2, 3, 4, 5])
-    got = kv.assemble(batch, keep, new, last)
-    expected = kv.concat(kv.select(batch, keep), kv.from_rows(new, last[3:]))
-    assert got.rows == expected.rows == 5
-    for r in range(5):
-        for a, b in zip(kv.row_kv(got, r), kv.row_kv(expected, r)):
-            np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(got.next_pos, expected.next_pos)
-    np.testing.assert_array_equal(got.last, last)
-    assert got.length == expected.length
+def _concat(a, b):
+    """The plain batch of a's rows then b's, right-aligned (the reference for a join)."""
+    t = max(a.length, b.length)
+    rows = [kv.row_kv(a, i) for i in range(a.rows)] + [kv.row_kv(b, i) for i in range(b.rows)]
+    out = kv.Batch(
+        [np.zeros((len(rows), x.shape[1], t + kv.GROW, x.shape[3]), x.dtype) for x in a.past],
+        np.zeros((len(rows), t + kv.GROW), np.int64),
+        np.concatenate([a.next_pos, b.next_pos]),
+        np.concatenate([a.last, b.last]),
+        t,
+    )
+    for i, row in enumerate(rows):
+        n = row[0].shape[2]
+        kv.write_pieces(out.past, i, t - n, [row])
+        out.mask[i, t - n : t] = 1
+    return out

@@ -27,6 +27,7 @@ from ragmix.engine.observer import EngineObserver
 from ragmix.engine.prefill import Chunk, ChunkOutput, PrefillRow, commit_chunk, run_chunk
 from ragmix.engine.prefix_cache import PassageCache, prefix_key
 from ragmix.engine.request import Request, ScoreRequest, SequenceRequest, TokenRequest
+from ragmix.engine.rows import RunningBatch
 from ragmix.engine.scheduler import Scheduler, SchedulerLimits
 from ragmix.engine.sequence import log_softmax
 from ragmix.errors import UnavailableError
@@ -39,29 +40,35 @@ LOG = logging.getLogger(__name__)
 class StepPlan:
     """What one step runs: the decoding requests' batch rows and the prefill chunk."""
 
-    decoding: list[Request]  # requests with decode rows, in batch order
-    offsets: np.ndarray  # decoding[g] owns batch rows offsets[g]:offsets[g+1]
+    decoding: list[Request]  # requests with decode rows
     chunk: Chunk
     chunk_owner: list[Request]  # per chunk row
     starting: list[Request]  # requests whose prompts all end with this chunk: they decode next
-    rows: np.ndarray | None = None  # batch rows to run; None = all (a probe runs a subset)
+    rows: np.ndarray | None = None  # batch rows to run; None = all live rows (a probe: a subset)
 
     @property
     def requests(self) -> list[Request]:
         seen = dict.fromkeys([*self.decoding, *self.chunk_owner])
         return list(seen)
 
+    @property
+    def decode_rows(self) -> int:
+        return sum(r.rows for r in self.decoding)
+
+    def logit_rows(self, r: Request) -> np.ndarray:
+        """Where request r's rows are in this step's decode logits."""
+        if self.rows is None:
+            return np.asarray(r.slots, np.int64)
+        return np.arange(r.rows)  # a probe runs one request's rows, in its order
+
     def only(self, r: Request) -> StepPlan:
         """The same step restricted to one request's rows (to find which request fails)."""
-        decoding, rows = [], np.zeros(0, np.int64)
-        if r in self.decoding:
-            g = self.decoding.index(r)
-            decoding, rows = [r], np.arange(self.offsets[g], self.offsets[g + 1])
         keep = [i for i, o in enumerate(self.chunk_owner) if o is r]
         chunk = Chunk([self.chunk.rows[i] for i in keep], [self.chunk.counts[i] for i in keep])
-        offsets = np.array([0, rows.size], np.int64) if decoding else np.zeros(1, np.int64)
+        decoding = [r] if r in self.decoding else []
         starting = [r] if r in self.starting else []
-        return StepPlan(decoding, offsets, chunk, [r] * len(keep), starting, rows)
+        rows = np.asarray(r.slots if decoding else [], np.int64)
+        return StepPlan(decoding, chunk, [r] * len(keep), starting, rows)
 
 
 @dataclass
@@ -102,7 +109,7 @@ class EngineCore:
         # Called before every step that has work: tests hold a stream open with it.
         self.step_gate = step_gate
         self.running: list[Request] = []  # admitted, in admission order
-        self.batch = kv.Batch.empty(generator)  # decode rows, grouped by request in running order
+        self.batch = RunningBatch(generator)  # every running request's decode rows
         self.eos = np.array(sorted(generator.eos_token_ids), np.int64)
         self._cv = threading.Condition()
         self._stopping = False
@@ -160,7 +167,7 @@ class EngineCore:
                 LOG.exception("engine step failed; failing %d requests", len(self.running))
                 for r in list(self.running):
                     self._end(r, e)
-                self.batch = kv.Batch.empty(self.generator)
+                self.batch = RunningBatch(self.generator)
         err = UnavailableError("the server shut down before this request finished.")
         with self._cv:
             for r in [*self.running, *self.scheduler.waiting]:
@@ -183,16 +190,16 @@ class EngineCore:
             return
         # 4. update: write KV, stream, advance beams, finish prefill-only work, retire rows
         self._update(plan, out, mixed)
-        self.observer.on_step(int(plan.offsets[-1]), len(plan.requests), time.perf_counter() - t0)
+        self.observer.on_step(plan.decode_rows, len(plan.requests), time.perf_counter() - t0)
         self._report_queue()
 
     # ----------------------------------------------------------------- 1. schedule
 
     def _schedule(self) -> StepPlan | None:
         self._drop_cancelled()
-        with self._cv:
+        with self._cv:  # popped and running at once: in_flight never misses a request
             new = self.scheduler.admit(self.running)
-        self.running.extend(new)
+            self.running = [*self.running, *new]
         for r in new:
             try:
                 self._start_prefill(r)
@@ -203,10 +210,8 @@ class EngineCore:
             self._report_queue()
             return None
         decoding = [r for r in self.running if r.rows]
-        offsets = np.zeros(len(decoding) + 1, np.int64)
-        np.cumsum([r.rows for r in decoding], out=offsets[1:])
         chunk, owner = self.scheduler.chunk(self.running)
-        return StepPlan(decoding, offsets, chunk, owner, self._starting(chunk, owner))
+        return StepPlan(decoding, chunk, owner, self._starting(chunk, owner))
 
     @staticmethod
     def _starting(chunk: Chunk, owner: list[Request]) -> list[Request]:
@@ -256,7 +261,7 @@ class EngineCore:
 
     def _forward(self, plan: StepPlan) -> ForwardOutput:
         if plan.decoding:
-            logits, new = kv.decode_forward(self.generator, self.batch, plan.rows)
+            logits, new = kv.decode_forward(self.generator, self.batch.view, plan.rows)
         else:
             logits, new = np.zeros((0, self.generator.vocab_size), np.float32), []
         chunk = None
@@ -274,8 +279,8 @@ class EngineCore:
     def _mix(self, plan: StepPlan, out: ForwardOutput) -> Mixed:
         mixed = Mixed()
         token_groups, beam_groups = [], []
-        for g, r in enumerate(plan.decoding):
-            rows = out.logits[plan.offsets[g] : plan.offsets[g + 1]]  # rows x V
+        for r in plan.decoding:
+            rows = _rows_of(out.logits, plan.logit_rows(r))  # rows x V
             (beam_groups if isinstance(r, SequenceRequest) else token_groups).append((r, rows))
         for r in plan.starting:
             rows = self._first_logits(r, plan, out)  # prompt rows x V
@@ -340,34 +345,26 @@ class EngineCore:
 
     def _update(self, plan: StepPlan, out: ForwardOutput, mixed: Mixed) -> None:
         if plan.decoding:
-            kv.append(self.batch, out.new_kv)
+            self.batch.append(out.new_kv)
         if out.chunk is not None:
             commit_chunk(plan.chunk, out.chunk, self.passage_cache)
-        keep: list[int] = []  # batch rows that go on, in their new order
-        feed: list[int] = []  # the token each of them is fed next
-        going_on: list[Request] = []
-        for g, r in enumerate(plan.decoding):
-            rows = np.arange(plan.offsets[g], plan.offsets[g + 1])
-            kept = self._guarded(r, self._advance_decode, r, rows, mixed)
-            if kept:
-                keep.extend(rows[kept[0]].tolist())
-                feed.extend(kept[1])
-                going_on.append(r)
-        joining: list[tuple[list[np.ndarray], int]] = []  # new rows: (KV, token fed next)
-        started: list[Request] = []
+        freed: list[int] = []  # decode rows of requests that left (or beams that ended)
+        for r in plan.decoding:
+            before = list(r.slots)
+            self._guarded(r, self._advance_decode, r, mixed)
+            freed += before[r.rows :] if r.rows else before
+        joining: list[tuple[Request, list[kv.Pieces], list[int]]] = []  # (request, KV, tokens)
         for r in plan.starting:
             r.prefill_done(time.perf_counter())
             new = self._guarded(r, self._advance_start, r, mixed)
             if new:
-                joining.extend(new)
-                started.append(r)
+                joining.append((r, *new))
         for r in list(self.running):
             if r.prefill and r.prefilled and not r.rows and r not in plan.starting:
                 self._guarded(r, self._finish_prefill_only, r)
-        self._rebuild_batch(keep, feed, joining)
-        # Batch order = the going-on requests, then the started ones; the others keep theirs.
-        others = [r for r in self.running if r not in going_on and r not in started]
-        self.running = [*going_on, *started, *others]
+        self._free(freed)
+        for r, kvs, tokens in joining:
+            r.slots = self.batch.add(kvs, tokens)
         for r in plan.requests:
             r.flush()
 
@@ -377,28 +374,31 @@ class EngineCore:
             return fn(*args)
         except Exception as e:
             LOG.exception("request %s failed in the update phase", r.id)
+            r.slots = []  # its rows are freed by the update, with the others that left
             self._end(r, e)
             return None
 
-    def _advance_decode(
-        self, r: Request, rows: np.ndarray, mixed: Mixed
-    ) -> tuple[list[int], list[int]] | None:
-        """One decoding request's step: which of its rows go on (indices into its rows, in their
-        new order) and the token each is fed next; None when it leaves the batch."""
+    def _advance_decode(self, r: Request, mixed: Mixed) -> None:
+        """One decoding request's step: feed its rows their next tokens, move its beams, or
+        give up its rows (its first r.rows slots stay; the caller frees the rest)."""
         if isinstance(r, SequenceRequest):
             parents, tokens = r.advance(mixed.beams[id(r)], self.eos)
             if r.beams_done():
                 self._beams_finished(r)
-                return None
-            r.rows = len(parents)
-            return parents, tokens
+                return
+            slots = np.asarray(r.slots, np.int64)
+            keep = slots[: len(parents)]  # beams never widen after their first step
+            self.batch.move(keep, slots[parents])
+            self.batch.last[keep] = tokens
+            r.slots = keep.tolist()
+            return
         token, *results = mixed.tokens[id(r)]
         if self._on_token(r, token, *results):
-            return None
-        return list(range(rows.size)), [token] * rows.size
+            return
+        self.batch.last[r.slots] = token
 
-    def _advance_start(self, r: Request, mixed: Mixed) -> list[tuple[list[np.ndarray], int]]:
-        """A request's first step after its prompts: the rows it adds to the batch."""
+    def _advance_start(self, r: Request, mixed: Mixed) -> tuple[list[kv.Pieces], list[int]] | None:
+        """A request's first step after its prompts: the rows (KV, next token) it adds."""
         kvs = [row.kv for row in r.prefill]
         r.prefill = []
         if isinstance(r, SequenceRequest):
@@ -407,14 +407,12 @@ class EngineCore:
             parents, tokens = r.advance(mixed.beams[id(r)], self.eos)
             if r.beams_done():
                 self._beams_finished(r)
-                return []
-            r.rows = len(parents)
-            return [(kvs[p], t) for p, t in zip(parents, tokens, strict=True)]
+                return None
+            return [kvs[p] for p in parents], tokens
         token, *results = mixed.tokens[id(r)]
         if self._on_token(r, token, *results):
-            return []
-        r.rows = len(kvs)
-        return [(k, token) for k in kvs]
+            return None
+        return kvs, [token] * len(kvs)
 
     def _on_token(self, r: TokenRequest, token: int, *results) -> bool:
         previous = r.last_token_time
@@ -429,7 +427,7 @@ class EngineCore:
 
     def _beams_finished(self, r: SequenceRequest) -> None:
         """Beams done: rescore as prefill rows ("thorough"), or answer now ("fast")."""
-        r.rows = 0
+        r.slots = []
         if r.thorough:
             r.prefill = r.rescoring_prefill()
             r.prompt_kv = []  # the rescoring rows hold what they need
@@ -449,20 +447,15 @@ class EngineCore:
         elif isinstance(r, SequenceRequest):
             self._answer_sequence(r)
 
-    def _rebuild_batch(
-        self, keep: list[int], feed: list[int], joining: list[tuple[list[np.ndarray], int]]
-    ) -> None:
-        """The next step's batch: the kept rows fed their next tokens, then the rows of the
-        requests that start decoding. Beams that only move rows reorder in place; otherwise the
-        batch is assembled anew with one copy of each row."""
-        if not joining and len(keep) == self.batch.rows:
-            self.batch = kv.reorder(self.batch, np.array(keep, np.int64))
-            self.batch.last[:] = feed
+    def _free(self, slots: list[int]) -> None:
+        """Give rows back to the batch; the rows moved into the holes get their new slots."""
+        if not slots:
             return
-        last = np.array([*feed, *(t for _, t in joining)], np.int64)
-        self.batch = kv.assemble(
-            self.batch, np.array(keep, np.int64), [k for k, _ in joining], last
-        )
+        moved = self.batch.free(slots)
+        if moved:
+            for r in self.running:
+                if r.slots:
+                    r.slots = [moved.get(s, s) for s in r.slots]
 
     # ----------------------------------------------------------------- endings
 
@@ -490,9 +483,9 @@ class EngineCore:
         self.observer.on_finish("error", len(getattr(r, "tokens", ())))
 
     def _finish(self, r: Request, reason: str) -> None:
+        """A request that ended well; its decode rows, if any, are freed by the caller."""
         self.observer.on_finish(reason, len(getattr(r, "tokens", ())))
-        r.rows = 0
-        r.prefill = []
+        r.prefill, r.slots = [], []
         if r in self.running:
             self.running.remove(r)
 
@@ -500,20 +493,19 @@ class EngineCore:
         """Take a request out of the running batch (its rows) and out of `running`."""
         if r not in self.running:
             return
-        if r.rows:
-            start = 0
-            keep: list[int] = []
-            for other in self.running:
-                if other.rows and other is not r:
-                    keep.extend(range(start, start + other.rows))
-                start += other.rows
-            self.batch = kv.select(self.batch, np.array(keep, np.int64))
-        r.rows = 0
-        r.prefill = []
+        slots, r.slots, r.prefill = r.slots, [], []
         self.running.remove(r)
+        self._free(slots)
 
     def _report_queue(self) -> None:
         self.observer.on_queue(len(self.scheduler.waiting), len(self.running), self.batch.rows)
+
+
+def _rows_of(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """logits[rows]: a view when the rows are consecutive (the usual case), else a copy."""
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size and np.all(np.diff(rows) == 1):
+        return logits[rows[0] : rows[-1] + 1]
+    return logits[rows]
 
 
 def _stacked(parts: list[np.ndarray]) -> np.ndarray:

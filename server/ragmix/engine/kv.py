@@ -98,7 +98,7 @@ def run_rows(
     if p:
         past = [np.zeros((n, a.shape[1], p, a.shape[3]), a.dtype) for a in past]
         for i, prefix in enumerate(prefixes):
-            _write(past, i, p - plen[i], prefix)
+            write_pieces(past, i, p - plen[i], prefix)
     ids = np.zeros((n, s), np.int64)  # rows x S
     mask = np.zeros((n, p + s), np.int64)  # rows x P+S
     width = max(len(w) for w in logits_at)
@@ -153,8 +153,8 @@ def pieces_len(pieces: Pieces) -> int:
     return sum(p[0].shape[2] for p in pieces)
 
 
-def _write(buffers: list[np.ndarray], row: int, start: int, pieces: Pieces) -> None:
-    """Write a row's pieces into buffers[:][row] from slot `start` on."""
+def write_pieces(buffers: list[np.ndarray], row: int, start: int, pieces: Pieces) -> None:
+    """Write a row's pieces into every buffer's row `row`, from slot `start` on."""
     for piece in pieces:
         n = piece[0].shape[2]
         for buf, layer in zip(buffers, piece, strict=True):
@@ -183,22 +183,6 @@ def drop_last(pieces: Pieces) -> Pieces:
     if last[0].shape[2] == 1:
         return head
     return [*head, [a[:, :, :-1] for a in last]]
-
-
-def from_rows(rows: Sequence[Pieces], last: np.ndarray) -> Batch:
-    """A batch of the given rows' KV (pieces each), right-aligned.
-
-    `last` [rows] is the token each row feeds next; its position is the row's length.
-    """
-    lengths = np.array([pieces_len(r) for r in rows], np.int64)
-    t = int(lengths.max())
-    buffers = _buffers(rows[0][0], len(rows), t + GROW)
-    mask = np.zeros((len(rows), t + GROW), np.int64)
-    for i, row in enumerate(rows):
-        start = t - int(lengths[i])
-        _write(buffers, i, start, row)
-        mask[i, start:t] = 1
-    return Batch(buffers, mask, lengths, np.asarray(last, np.int64).copy(), t)
 
 
 def row_slots(batch: Batch, row: int, start: int, length: int) -> list[np.ndarray]:
@@ -261,30 +245,6 @@ def _grow(batch: Batch) -> None:
     batch.past, batch.mask = buffers, mask
 
 
-def concat(a: Batch, b: Batch) -> Batch:
-    """Rows of a, then rows of b; the shorter side is left-padded (masked) to the common length."""
-    if a.rows == 0:
-        return b
-    if b.rows == 0:
-        return a
-    t = max(a.length, b.length)
-    rows = a.rows + b.rows
-    buffers = _buffers(a.past, rows, t + GROW)
-    mask = np.zeros((rows, t + GROW), np.int64)
-    for side, lo in ((a, 0), (b, a.rows)):
-        hi, start = lo + side.rows, t - side.length  # right-align the used slots at t
-        for buf, old in zip(buffers, side.past, strict=True):
-            buf[lo:hi, :, start:t] = old[:, :, : side.length]
-        mask[lo:hi, start:t] = side.mask[:, : side.length]
-    return Batch(
-        buffers,
-        mask,
-        np.concatenate([a.next_pos, b.next_pos]),
-        np.concatenate([a.last, b.last]),
-        t,
-    )
-
-
 def select(batch: Batch, rows: np.ndarray) -> Batch:
     """Keep `rows` (in order, repeats allowed) and drop leading slots that no kept row uses."""
     mask = batch.mask[rows, : batch.length]
@@ -297,61 +257,3 @@ def select(batch: Batch, rows: np.ndarray) -> Batch:
     full_mask = np.zeros((len(rows), length + GROW), np.int64)
     full_mask[:, :length] = mask[:, start:]
     return Batch(buffers, full_mask, batch.next_pos[rows], batch.last[rows], length)
-
-
-def reorder(batch: Batch, rows: np.ndarray) -> Batch:
-    """`select` that works in place when the row count stays (beam search reorders its rows):
-    only the rows that change are copied, not the whole cache."""
-    rows = np.asarray(rows, np.int64)
-    if rows.shape[0] != batch.rows:
-        return select(batch, rows)
-    moved = np.flatnonzero(rows != np.arange(batch.rows))
-    if moved.size:
-        src, t = rows[moved], batch.length
-        for buf in batch.past:
-            buf[moved, :, :t] = buf[
-                src, :, :t
-            ]  # the right side is gathered first: overlaps are safe
-        batch.mask[moved] = batch.mask[src]
-        batch.next_pos[moved] = batch.next_pos[src]
-        batch.last[moved] = batch.last[src]
-    return batch
-
-
-def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
-    """(first destination, first source, length) of each run of consecutive source rows."""
-    out: list[tuple[int, int, int]] = []
-    for dst, src in enumerate(rows.tolist()):
-        if out and out[-1][1] + out[-1][2] == src:
-            d, s, n = out[-1]
-            out[-1] = (d, s, n + 1)
-        else:
-            out.append((dst, src, 1))
-    return out
-
-
-def assemble(batch: Batch, keep: np.ndarray, rows: Sequence[Pieces], last: np.ndarray) -> Batch:
-    """`concat(select(batch, keep), from_rows(rows, ...))` with one allocation and one copy of
-    each row: the kept rows (in order), then the new ones, all right-aligned; `last` is the token
-    every row of the result feeds next."""
-    keep = np.asarray(keep, np.int64)
-    mask = batch.mask[keep, : batch.length]
-    used = np.flatnonzero(mask.any(axis=0))
-    start = int(used[0]) if used.size else batch.length
-    kept_len = batch.length - start
-    lengths = [pieces_len(r) for r in rows]
-    t = max([kept_len, *lengths])
-    n_keep = keep.shape[0]
-    total = n_keep + len(rows)
-    buffers = _buffers(batch.past, total, t + GROW)
-    full_mask = np.zeros((total, t + GROW), np.int64)
-    at = t - kept_len
-    for dst, src, n in _runs(keep):
-        for buf, old in zip(buffers, batch.past, strict=True):
-            buf[dst : dst + n, :, at:t] = old[src : src + n, :, start : batch.length]
-    full_mask[:n_keep, at:t] = mask[:, start:]
-    for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-        _write(buffers, n_keep + i, t - n, row)
-        full_mask[n_keep + i, t - n : t] = 1
-    next_pos = np.concatenate([batch.next_pos[keep], np.array(lengths, np.int64)])
-    return Batch(buffers, full_mask, next_pos, np.asarray(last, np.int64).copy(), t)

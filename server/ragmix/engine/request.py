@@ -62,7 +62,7 @@ class Request:
     max_rows: int  # the most decode rows it holds at once (admission reserves these)
     cancelled: bool = False
     prefill: list[PrefillRow] = field(default_factory=list)  # rows being prefilled, in order
-    rows: int = 0  # rows it holds in the decode batch
+    slots: list[int] = field(default_factory=list)  # its decode rows in the running batch
     admitted: float = 0.0
     prefill_ms: float = 0.0
     cached_prompt_tokens: int = 0
@@ -74,6 +74,11 @@ class Request:
         for item in self.outbox:
             self.emit(item)
         self.outbox.clear()
+
+    @property
+    def rows(self) -> int:
+        """Decode rows it holds."""
+        return len(self.slots)
 
     @property
     def max_length(self) -> int:
