@@ -6,8 +6,9 @@ may have holes (left padding from being merged with longer rows). Slots past `le
 masked: the whole buffer goes to the generator as the past without a copy, and each decode step
 writes the new token's keys and values into slot `length` in place. Capacity grows in chunks, so
 the cache is copied once per GROW steps instead of at every step. Positions are kept per row, so
-padding never shifts a token's rotary/absolute position. Rows of one request are contiguous and
-requests keep their order, so a request is a row range.
+padding never shifts a token's rotary/absolute position. The standalone beam search and scoring use
+these batches; the engine core keeps its decode rows in a RunningBatch (rows.py) of the same layout
+with room to spare, and uses the prefill pass (`run_rows`) and the row helpers here.
 """
 
 from __future__ import annotations
