@@ -62,10 +62,12 @@ class ServerConfig:
         metadata={"help": "KV cache slots (rows x length) the running batch may reach"},
     )
     max_prefill_tokens: int = field(
-        default=256,
+        default=128,
         metadata={
-            "help": "prompt tokens prefilled per step beside the decode rows (chunked prefill): "
-            "what one admission can add to the running streams' step time"
+            "help": "prompt tokens prefilled per step beside the decode rows (chunked prefill; "
+            "a row's past and scored logits count too): what one admission can add to the "
+            "running streams' step time. 128 prefills as fast per token as 256 on the default "
+            "model (1.67 vs 1.68 ms/token, 2 cores) at half the stall"
         },
     )
     passage_cache_bytes: int = field(

@@ -22,7 +22,7 @@ from ragmix.engine import kv
 from ragmix.engine.observer import EngineObserver
 from ragmix.engine.outputs import DoneEvent, PassagesEvent, TokenEvent
 from ragmix.engine.params import DecodingParams, Mixture, RetrievalParams
-from ragmix.engine.prefill import PrefillRow, plan_chunk
+from ragmix.engine.prefill import LOGITS_PER_TOKEN, PrefillRow, plan_chunk
 from ragmix.engine.prompts import PromptTemplate, passage_text, tokenize_prompt
 from ragmix.engine.score import score_answer
 from ragmix.engine.sequence import rag_sequence
@@ -369,14 +369,16 @@ def test_sequence_score_and_token_requests_share_every_step(parts, ids):
     """No whole-request job: while a RAG-Sequence request beams, a Score and a TOKEN stream run
     in the same steps, and no prefill pass carries more than max_prefill_tokens tokens."""
     log, gate = StepLog(), Gate()
-    e = make_engine(parts, observer=log, step_gate=gate, max_prefill_tokens=32)
+    e = make_engine(parts, observer=log, step_gate=gate, max_prefill_tokens=128)
     try:
 
         async def all_three():
             seq = asyncio.ensure_future(
                 collect(e, QUESTION, ids[:3], Mixture.SEQUENCE, max_new_tokens=8, num_beams=2)
             )
-            tok = asyncio.ensure_future(collect(e, QUESTION, ids[3:5], max_new_tokens=8))
+            tok = asyncio.ensure_future(
+                collect(e, QUESTION, ids[3:5], max_new_tokens=24, min_new_tokens=24)
+            )
             score = asyncio.ensure_future(e.score(retrieval(QUESTION, ids[:2]), "It yields."))
             while e.core.in_flight < 3:
                 await asyncio.sleep(0.01)
@@ -387,7 +389,7 @@ def test_sequence_score_and_token_requests_share_every_step(parts, ids):
         assert isinstance(seq[-1], DoneEvent) and isinstance(tok[-1], DoneEvent)
         assert np.isfinite(scored.token.logprob)
         assert max(log.requests) == 3  # one step carried rows of all three
-        assert max(log.prefill_tokens) <= 32
+        assert max(log.prefill_tokens) <= 128
     finally:
         e.shutdown()
 
@@ -407,15 +409,27 @@ def test_plan_chunk_fits_the_budget_keeps_fifo_and_computes_the_most(remaining, 
     rows = [PrefillRow(list(range(n))) for n in remaining]
     chunk = plan_chunk(rows, budget)
     assert chunk.rows == rows[: len(chunk.rows)]  # a FIFO prefix
-    assert chunk.rows and chunk.tokens <= budget
+    assert chunk.rows and (chunk.cost <= budget or chunk.counts == [1])  # (1: progress)
     assert all(1 <= c <= r.remaining for r, c in zip(chunk.rows, chunk.counts))
 
-    def useful(n: int) -> int:
-        width = min(max(remaining[:n]), budget // n)
-        return sum(min(r, width) for r in remaining[:n]) if width else 0
+    def useful(n: int) -> int:  # rows without a past and without scores: cost n * (w + 1/5)
+        width = min(max(remaining[:n]), int((budget - n / LOGITS_PER_TOKEN) // n))
+        return sum(min(r, width) for r in remaining[:n]) if width >= 1 else 0
 
     best = max(useful(n) for n in range(1, len(remaining) + 1))
-    assert sum(chunk.counts) == best
+    assert sum(chunk.counts) == max(best, 1)
+
+
+def test_plan_chunk_charges_for_the_past_and_the_scored_logits(parts):
+    gen = parts[0]
+    _, b = kv.prefill(gen, [list(range(1, 300))])
+    past = [kv.row_kv(b, 0)]
+    plain = plan_chunk([PrefillRow(list(range(200))) for _ in range(4)], 256)
+    long = plan_chunk([PrefillRow(list(range(200)), past) for _ in range(4)], 256)
+    scored = plan_chunk([PrefillRow(list(range(200)), past, scored=199) for _ in range(4)], 256)
+    assert sum(plain.counts) > sum(long.counts) > sum(scored.counts)
+    for c in (plain, long, scored):
+        assert c.cost <= 256
 
 
 def test_running_batch_decodes_as_a_fresh_batch_through_leaves_joins_and_moves(parts):

@@ -109,7 +109,8 @@ class EngineCore:
         # Called before every step that has work: tests hold a stream open with it.
         self.step_gate = step_gate
         self.running: list[Request] = []  # admitted, in admission order
-        self.batch = RunningBatch(generator)  # every running request's decode rows
+        self.max_rows = config.limits.max_batch_rows
+        self.batch = RunningBatch(generator, self.max_rows)  # every running request's decode rows
         self.eos = np.array(sorted(generator.eos_token_ids), np.int64)
         self._cv = threading.Condition()
         self._stopping = False
@@ -167,7 +168,7 @@ class EngineCore:
                 LOG.exception("engine step failed; failing %d requests", len(self.running))
                 for r in list(self.running):
                     self._end(r, e)
-                self.batch = RunningBatch(self.generator)
+                self.batch = RunningBatch(self.generator, self.max_rows)
         err = UnavailableError("the server shut down before this request finished.")
         with self._cv:
             for r in [*self.running, *self.scheduler.waiting]:
