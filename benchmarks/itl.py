@@ -477,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         "outlast the interferers)",
     )
     p.add_argument(
-        "--max-prefill-tokens", type=int, default=256, help="ServerConfig's chunk budget"
+        "--max-prefill-tokens",
+        type=int,
+        default=None,
+        help="ServerConfig's chunk budget (default: the server's default)",
     )
     p.add_argument(
         "--questions",
@@ -502,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     from serving import machine_info, write_json
 
     from ragmix.bench.loadgen import BUILTIN_QUESTIONS
+    from ragmix.config import ServerConfig
 
+    if args.max_prefill_tokens is None:
+        args.max_prefill_tokens = ServerConfig().max_prefill_tokens
     questions = list(BUILTIN_QUESTIONS[: args.questions])
     report: dict[str, Any] = {
         "machine": machine_info(),
