@@ -101,6 +101,19 @@ async def outcome(coro):
         return e
 
 
+def together(e, gate: Gate, *coros):
+    """Each coroutine's outcome, their requests all queued before the gate lets the engine step."""
+
+    async def run():
+        tasks = [asyncio.ensure_future(outcome(c)) for c in coros]
+        while e.core.in_flight < len(coros):  # a condition, not a timeout
+            await asyncio.sleep(0.01)
+        gate.open()
+        return [await t for t in tasks]
+
+    return asyncio.run(run())
+
+
 def answer_alone(parts, query, ids, **dec):
     """The events of one request on an engine of its own."""
     e = make_engine(parts)
@@ -130,18 +143,12 @@ def test_a_failing_prefill_ends_only_its_request_and_strands_nothing(parts, ids)
     e = make_engine(parts, step_gate=gate)
     e.core.generator = Poisoned(parts[0], poison_token(parts, ids[:3]))
     try:
-
-        async def both():
-            normal = asyncio.ensure_future(
-                outcome(collect(e, QUESTION, ids[:3], max_new_tokens=20))
-            )
-            bad = asyncio.ensure_future(outcome(collect(e, POISON_QUESTION, ids[:3])))
-            while e.core.in_flight < 2:  # both queued before the first step runs
-                await asyncio.sleep(0.01)
-            gate.open()
-            return await normal, await bad
-
-        normal, bad = asyncio.run(both())
+        normal, bad = together(
+            e,
+            gate,
+            collect(e, QUESTION, ids[:3], max_new_tokens=20),
+            collect(e, POISON_QUESTION, ids[:3]),
+        )
         assert isinstance(bad, RuntimeError) and "poisoned prefill" in str(bad)
         assert isinstance(normal, list) and isinstance(normal[-1], DoneEvent)
         assert token_ids(normal) == token_ids(alone)
@@ -194,19 +201,12 @@ def test_a_failing_mixture_ends_only_the_request_whose_rows_raise(parts, ids, mo
     try:
         monkeypatch.setattr(kernels, "mixture_step", mixture_step)
 
-        async def both():
-            normal = asyncio.ensure_future(
-                outcome(collect(e, QUESTION, ids[:2], max_new_tokens=16))
-            )
-            bad = asyncio.ensure_future(
-                outcome(collect(e, QUESTION, ids[2:4], temperature=0.625, seed=1))
-            )
-            while e.core.in_flight < 2:
-                await asyncio.sleep(0.01)
-            gate.open()
-            return await normal, await bad
-
-        normal, bad = asyncio.run(both())
+        normal, bad = together(
+            e,
+            gate,
+            collect(e, QUESTION, ids[:2], max_new_tokens=16),
+            collect(e, QUESTION, ids[2:4], temperature=0.625, seed=1),
+        )
         assert isinstance(bad, FloatingPointError)
         assert token_ids(normal) == token_ids(alone)
         assert e.in_flight == 0
@@ -231,18 +231,12 @@ def test_a_failing_update_ends_only_its_request(parts, ids, monkeypatch):
     gate = Gate()
     e = make_engine(parts, step_gate=gate)
     try:
-
-        async def both():
-            normal = asyncio.ensure_future(
-                outcome(collect(e, QUESTION, ids[:2], max_new_tokens=16))
-            )
-            bad = asyncio.ensure_future(outcome(collect(e, POISON_QUESTION, ids[2:4], top_k=7)))
-            while e.core.in_flight < 2:
-                await asyncio.sleep(0.01)
-            gate.open()
-            return await normal, await bad
-
-        normal, bad = asyncio.run(both())
+        normal, bad = together(
+            e,
+            gate,
+            collect(e, QUESTION, ids[:2], max_new_tokens=16),
+            collect(e, POISON_QUESTION, ids[2:4], top_k=7),
+        )
         assert isinstance(bad, ArithmeticError)
         assert token_ids(normal) == token_ids(alone)
         assert e.in_flight == 0 and e.core.batch.rows == 0

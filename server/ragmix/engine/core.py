@@ -279,17 +279,20 @@ class EngineCore:
 
     def _mix(self, plan: StepPlan, out: ForwardOutput) -> Mixed:
         mixed = Mixed()
-        token_groups, beam_groups = [], []
+        decoding = [r for r in plan.decoding if not isinstance(r, SequenceRequest)]
+        starting = [r for r in plan.starting if not isinstance(r, SequenceRequest)]
+        if decoding or starting:
+            rows = np.concatenate([plan.logit_rows(r) for r in decoding] + [np.zeros(0, int)])
+            parts = [_rows_of(out.logits, rows)] if decoding else []
+            parts += [self._first_logits(r, plan, out) for r in starting]
+            logits = parts[0] if len(parts) == 1 else np.concatenate(parts)  # rows x V
+            mixed.tokens = self._mix_tokens([*decoding, *starting], logits)
         for r in plan.decoding:
-            rows = _rows_of(out.logits, plan.logit_rows(r))  # rows x V
-            (beam_groups if isinstance(r, SequenceRequest) else token_groups).append((r, rows))
+            if isinstance(r, SequenceRequest):
+                mixed.beams[id(r)] = log_softmax(out.logits[plan.logit_rows(r)])  # beams x V
         for r in plan.starting:
-            rows = self._first_logits(r, plan, out)  # prompt rows x V
-            (beam_groups if isinstance(r, SequenceRequest) else token_groups).append((r, rows))
-        if token_groups:
-            mixed.tokens = self._mix_tokens(token_groups)
-        for r, rows in beam_groups:
-            mixed.beams[id(r)] = log_softmax(rows)  # beam rows x V
+            if isinstance(r, SequenceRequest):
+                mixed.beams[id(r)] = log_softmax(self._first_logits(r, plan, out))
         return mixed
 
     def _first_logits(self, r: Request, plan: StepPlan, out: ForwardOutput) -> np.ndarray:
@@ -303,12 +306,11 @@ class EngineCore:
             rows.append(row.logits if last is None else last)
         return np.stack(rows)
 
-    def _mix_tokens(self, groups: list[tuple[TokenRequest, np.ndarray]]) -> dict[int, tuple]:
-        """The mixture kernel over every RAG-Token and Concat request of the step, in one call."""
-        reqs = [r for r, _ in groups]
-        logits = _stacked([rows for _, rows in groups])  # rows x V (ours: EOS masking writes)
+    def _mix_tokens(self, reqs: list[TokenRequest], logits: np.ndarray) -> dict[int, tuple]:
+        """The mixture kernel over every RAG-Token and Concat request of the step, in one call
+        (logits: their rows in order, ours to write: EOS masking writes into them)."""
         offsets = np.zeros(len(reqs) + 1, np.int64)
-        np.cumsum([rows.shape[0] for _, rows in groups], out=offsets[1:])
+        np.cumsum([r.rows or len(r.prefill) for r in reqs], out=offsets[1:])
         eos = self.eos
         for g, r in enumerate(reqs):  # min_new_tokens: no EOS yet, in any passage's distribution
             if len(r.tokens) < r.decoding.min_new_tokens:
@@ -508,17 +510,3 @@ def _rows_of(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return logits[rows[0] : rows[-1] + 1]
     return logits[rows]
 
-
-def _stacked(parts: list[np.ndarray]) -> np.ndarray:
-    """The row blocks as one array: a view when they are consecutive rows of one array (the
-    usual decode step), a copy otherwise."""
-    first = parts[0]
-    base = first.base if first.base is not None else first
-    if all(p.base is base for p in parts) and base.ndim == 2 and base.flags.c_contiguous:
-        row = base.strides[0]
-        starts = [(p.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // row
-                  for p in parts]  # fmt: skip
-        ends = [s + p.shape[0] for s, p in zip(starts, parts, strict=True)]
-        if all(e == s for e, s in zip(ends, starts[1:], strict=False)):
-            return base[starts[0] : ends[-1]]
-    return np.concatenate(parts)
