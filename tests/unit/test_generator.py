@@ -209,7 +209,9 @@ def test_prompt_template_puts_passage_before_question(tiny, family):
 
 def test_chat_template_is_used_when_the_model_has_one(tiny):
     llama, _ = tiny["llama"]
-    assert llama.prompt_template.startswith("<|im_start|>user\nAnswer in one short sentence, using this text:\n{passage}")
+    assert llama.prompt_template.startswith(
+        "<|im_start|>user\nAnswer in one short sentence, using this text:\n{passage}"
+    )
     assert llama.prompt_template.endswith("<|im_end|>\n<|im_start|>assistant\n")
     gpt2, _ = tiny["gpt2"]
     assert gpt2.prompt_template == "{passage}\n\nQuestion: {question}\nAnswer:"

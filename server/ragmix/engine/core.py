@@ -509,4 +509,3 @@ def _rows_of(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
     if rows.size and rows[-1] - rows[0] + 1 == rows.size and np.all(np.diff(rows) == 1):
         return logits[rows[0] : rows[-1] + 1]
     return logits[rows]
-

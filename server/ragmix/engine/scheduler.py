@@ -23,7 +23,7 @@ class SchedulerLimits:
     max_queued_requests: int  # requests waiting for admission
     max_batch_rows: int  # decode rows reserved by the admitted requests
     max_batch_tokens: int  # KV slots (rows x length) the running batch may reach
-    max_prefill_tokens: int  # padded prompt tokens one step's prefill pass may carry
+    max_prefill_tokens: int  # the cost (prefill.pass_cost) one step's prefill pass may have
 
 
 class Scheduler:

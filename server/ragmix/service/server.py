@@ -54,7 +54,9 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
     )
 
 
-async def serve(config: ServerConfig, step_gate: Callable[[Sequence[object]], None] | None = None) -> None:
+async def serve(
+    config: ServerConfig, step_gate: Callable[[Sequence[object]], None] | None = None
+) -> None:
     """Load the bundles, serve until SIGTERM/SIGINT, then drain and exit.
 
     step_gate, when given, is called on the engine thread before every step (tests hold streams
