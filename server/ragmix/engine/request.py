@@ -134,10 +134,6 @@ class TokenRequest(Request):
     def starts_decoding(self) -> bool:
         return not self.tokens
 
-    @property
-    def remaining_tokens(self) -> int:
-        return self.decoding.max_new_tokens - len(self.tokens)
-
     def draw(self) -> float:
         """The U(0,1) for the next token, from the request's own seeded generator. Drawn once per
         token: a step that is thrown away and run again sees the same number."""

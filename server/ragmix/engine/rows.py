@@ -56,10 +56,6 @@ class RunningBatch:
         """The token each live row feeds next (a view: writes go through)."""
         return self._last[: self.rows]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._past)
-
     def append(self, new: list[np.ndarray]) -> None:
         """Write every live row's new token KV (from kv.decode_forward) at the write column."""
         self._reserve(self.rows, append=True)
