@@ -61,7 +61,9 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
-        stale = [n for n in (*FILES, "__init__.py") if not filecmp.cmp(Path(tmp) / n, OUT / n, False)]
+        stale = [
+            n for n in (*FILES, "__init__.py") if not filecmp.cmp(Path(tmp) / n, OUT / n, False)
+        ]
     if stale:
         print(f"stale generated stubs: {', '.join(stale)}; run python scripts/gen_proto.py")
         return 1

@@ -60,6 +60,16 @@ def tiny_parts(tiny_generator_dir: Path, tiny_encoder_dir: Path, tiny_index_dir:
     return gen, enc, IndexBundle.load(tiny_index_dir, encoder_fingerprint=enc.fingerprint)
 
 
+def row_logits(gen, ids, index):
+    """Logits (len(index) x V) of one whole row computed from an empty cache: the plain
+    recomputation engine results are held to."""
+    import numpy as np
+
+    ids = np.array([list(ids)], np.int64)
+    cache = gen.new_cache(1, ids.shape[1])
+    return gen.forward(ids, np.zeros(1, np.int64), np.array([list(index)], np.int64), cache)[0]
+
+
 def make_engine(parts, observer=None, step_gate=None, **config):
     """A started in-process Engine over `parts` with test limits; the caller shuts it down."""
     from ragmix.engine.engine import Engine, EngineConfig

@@ -73,12 +73,12 @@ def build_tiny_causal_lm(
         "initializer_range": init_std,
     }
     if family == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=2048, **common)
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=2048, **common)
     else:
         cls = LlamaConfig if family == "llama" else Qwen2Config
         config = cls(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=64,  # head_dim 16: GroupQueryAttention needs a multiple of 16
+            intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,  # grouped-query attention, as in the real models

@@ -262,6 +262,27 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--from-hf", type=Path, required=True, dest="src")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument(
+        "--precision",
+        choices=["fp32", "q4", "q4-a8"],
+        default=None,
+        help="generators: fp32 (weights dequantized), q4 (the 4-bit blocks exactly, fp32 "
+        "accumulation), q4-a8 (4-bit blocks, int8 activations); default: q4 for GGUF files, "
+        "fp32 otherwise",
+    )
+    e.add_argument(
+        "--quantize",
+        choices=["int4"],
+        default=None,
+        help="generators: give fp32 weights Q4_1 blocks first (lossy: round to nearest)",
+    )
+    e.add_argument(
+        "--graph",
+        choices=["fused", "traced"],
+        default=None,
+        help="generators: fused (served) or traced (the torch.onnx trace of earlier versions, "
+        "a benchmark baseline the server does not load)",
+    )
     e.set_defaults(func=_export)
 
 
@@ -278,7 +299,14 @@ def _export(args: argparse.Namespace) -> int:
     _setup_logging("info")
     from ragmix.models.defaults import export_from_hf
 
-    out = export_from_hf(args.src, args.out, overwrite=args.overwrite)
+    out = export_from_hf(
+        args.src,
+        args.out,
+        overwrite=args.overwrite,
+        graph=args.graph,
+        precision=args.precision,
+        quantize=args.quantize,
+    )
     print(f"wrote model bundle {out}")
     return 0
 

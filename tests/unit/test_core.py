@@ -72,10 +72,10 @@ class Poisoned:
     def __getattr__(self, name):
         return getattr(self._generator, name)
 
-    def forward_new(self, input_ids, *args):
+    def forward(self, input_ids, *args):
         if input_ids.shape[1] > 1 and (input_ids == self.token).any():
             raise RuntimeError("poisoned prefill")
-        return self._generator.forward_new(input_ids, *args)
+        return self._generator.forward(input_ids, *args)
 
 
 def retrieval(query: str, ids: list[str]) -> RetrievalParams:
@@ -427,25 +427,28 @@ def test_plan_chunk_charges_for_the_past_and_the_scored_logits(parts):
 
 
 def test_running_batch_decodes_as_a_fresh_batch_through_leaves_joins_and_moves(parts):
-    """Rows that leave, join (longer than the write column), move (beams) and outgrow the slot
-    capacity in place give the same logits as the plain batch that select() rebuilds each time."""
+    """Rows that leave, join (longer than the others), move (beams) and outgrow the slot capacity
+    in place give the same logits as the plain batch that select() rebuilds each time."""
     from ragmix.engine.rows import RunningBatch
 
     gen = parts[0]
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12]]
     _, fresh = kv.prefill(gen, prompts)
     fresh.last = np.arange(10, 15)
-    rb = RunningBatch(gen)
+    rb = RunningBatch(gen, max_rows=8)
     assert rb.add([[kv.row_kv(fresh, i)] for i in range(4)], fresh.last[:4]) == [0, 1, 2, 3]
     ref = kv.select(fresh, np.arange(4))
+    capacities = {rb.capacity}
 
     def step(tokens):
         a = kv.decode(gen, ref)
-        b, new = kv.decode_forward(gen, rb.view)
-        rb.append(new)
+        b = rb.decode(gen)
+        rb.append()
         np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_array_equal(rb.lengths, ref.lengths)
         ref.last[:] = tokens
         rb.last[:] = tokens
+        capacities.add(rb.capacity)
 
     for t in range(3):
         step(np.arange(4) + 20 + t)
@@ -453,34 +456,44 @@ def test_running_batch_decodes_as_a_fresh_batch_through_leaves_joins_and_moves(p
     assert moved == {3: 1} and rb.rows == 3
     ref = kv.select(ref, np.array([0, 3, 2]))
     step(np.array([30, 31, 32]))
-    # The longest prompt joins: longer than the write column, so the others get holes.
-    _, long = kv.prefill(gen, [prompts[4] * 3])
+    _, long = kv.prefill(gen, [prompts[4] * 3])  # a row longer than every other joins
     assert rb.add([[kv.row_kv(long, 0)]], [40]) == [3]
-    _, long_ref = kv.prefill(gen, [prompts[4] * 3])
-    long_ref.last = np.array([40])
-    merged = _concat(ref, long_ref)
-    ref = merged
+    long.last = np.array([40])
+    ref = _concat(ref, long)
     step(np.array([41, 42, 43, 44]))
     rb.move([0, 1], [2, 2])  # beams: rows 0 and 1 become copies of row 2
     ref = kv.select(ref, np.array([2, 2, 2, 3]))
-    for t in range(70):  # past the slot capacity: reallocated without the unused leading slots
+    for t in range(70):  # past the slot capacity: reallocated, the rows' slots copied
         step(np.array([50, 51, 52, 53]) + t)
-    assert rb.length <= ref.length
+    assert len(capacities) > 1
+
+
+def test_a_decode_probe_of_some_rows_writes_nothing(parts):
+    """The isolation probe runs a subset of rows on copies: the batch's bytes stay as they were."""
+    from ragmix.engine.rows import RunningBatch
+
+    gen = parts[0]
+    _, fresh = kv.prefill(gen, [[1, 2, 3], [4, 5]])
+    rb = RunningBatch(gen, max_rows=4)
+    rb.add([[kv.row_kv(fresh, i)] for i in range(2)], [7, 8])
+    before = [a.copy() for a in rb._past]
+    alone = rb.decode(gen, np.array([1]))
+    np.testing.assert_allclose(alone[0], rb.decode(gen)[1], atol=1e-5)
+    rb2 = [a.copy() for a in rb._past]
+    for was, now in zip(before, rb2, strict=True):  # the full pass wrote slot `length` only
+        assert (was[1, :, :2] == now[1, :, :2]).all()
+    assert rb.lengths.tolist() == [3, 2]
 
 
 def _concat(a, b):
-    """The plain batch of a's rows then b's, right-aligned (the reference for a join)."""
-    t = max(a.length, b.length)
+    """The plain batch of a's rows then b's (the reference for a join)."""
     rows = [kv.row_kv(a, i) for i in range(a.rows)] + [kv.row_kv(b, i) for i in range(b.rows)]
+    t = max(r[0].shape[2] for r in rows)
     out = kv.Batch(
         [np.zeros((len(rows), x.shape[1], t + kv.GROW, x.shape[3]), x.dtype) for x in a.past],
-        np.zeros((len(rows), t + kv.GROW), np.int64),
-        np.concatenate([a.next_pos, b.next_pos]),
+        np.concatenate([a.lengths, b.lengths]),
         np.concatenate([a.last, b.last]),
-        t,
     )
     for i, row in enumerate(rows):
-        n = row[0].shape[2]
-        kv.write_pieces(out.past, i, t - n, [row])
-        out.mask[i, t - n : t] = 1
+        kv.write_pieces(out.past, i, 0, [row])
     return out

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import FAMILIES, build_tiny_causal_lm
 
 from ragmix.errors import BundleError
-from ragmix.models.generator import Generator, positions_from_mask
+from ragmix.models.generator import Generator
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -55,126 +55,102 @@ def torch_logits(model: object, ids: list[int], positions: list[int] | None = No
         return model(torch.tensor([ids]), **kwargs).logits[0].numpy()  # new x vocab
 
 
-def left_pad(gen: Generator, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), gen.pad_token_id, dtype=np.int64)  # batch x width
-    mask = np.zeros((len(rows), width), dtype=np.int64)  # batch x width
-    for r, row in enumerate(rows):
-        ids[r, width - len(row) :] = row
-        mask[r, width - len(row) :] = 1
-    return ids, mask
-
-
 def rows_for(gen: Generator) -> list[list[int]]:
     text = "Paris is the capital of France. The quick brown fox jumps over the lazy dog."
     ids = gen.encode(text)
     return [ids[:9], ids[3:7], ids[10:11]]
 
 
-def padded_batch(gen: Generator) -> tuple[list[list[int]], np.ndarray, np.ndarray, int]:
-    """Three rows of 9, 4 and 1 tokens, left-padded: rows, ids, mask, width."""
-    rows = rows_for(gen)
-    ids, mask = left_pad(gen, rows)
-    return rows, ids, mask, ids.shape[1]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_prefill_matches_pytorch(tiny, family):
-    gen, model = tiny[family]
-    rows, ids, mask, width = padded_batch(gen)
-    every = np.tile(np.arange(width), (len(rows), 1))  # batch x width
-    logits, present = gen.forward(
-        ids, mask, positions_from_mask(mask, width), gen.empty_cache(len(rows)), every
-    )
-    assert logits.shape == (len(rows), width, gen.vocab_size)
-    assert present[0].shape == (len(rows), gen.num_kv_heads, width, gen.head_dim)
+def right_pad(gen: Generator, rows: list[list[int]]) -> np.ndarray:
+    ids = np.full((len(rows), max(map(len, rows))), gen.pad_token_id, np.int64)  # batch x width
     for r, row in enumerate(rows):
-        want = torch_logits(model, row)
-        assert rel_err(logits[r, width - len(row) :], want) <= RTOL
+        ids[r, : len(row)] = row
+    return ids
+
+
+def prefill(gen: Generator, rows: list[list[int]], capacity: int = 32):
+    """Rows of different lengths in one pass from an empty cache: logits at every position."""
+    ids = right_pad(gen, rows)
+    every = np.tile(np.arange(ids.shape[1]), (len(rows), 1))  # batch x width
+    cache = gen.new_cache(len(rows), capacity)
+    return gen.forward(ids, np.zeros(len(rows), np.int64), every, cache), cache
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decode_step_with_past_equals_full_recompute(tiny, family):
+def test_right_padded_prefill_matches_pytorch(tiny, family):
     gen, model = tiny[family]
-    rows, ids, mask, width = padded_batch(gen)
-    last = np.full((len(rows), 1), width - 1)  # batch x 1
-    _, past = gen.forward(ids, mask, positions_from_mask(mask, width), gen.empty_cache(3), last)
+    rows = rows_for(gen)
+    logits, _ = prefill(gen, rows)
+    assert logits.shape == (len(rows), 9, gen.vocab_size) and logits.dtype == np.float32
+    for r, row in enumerate(rows):
+        assert rel_err(logits[r, : len(row)], torch_logits(model, row)) <= RTOL
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_step_over_pasts_of_different_lengths_equals_full_recompute(tiny, family):
+    gen, model = tiny[family]
+    rows = rows_for(gen)
+    _, cache = prefill(gen, rows)
+    lengths = np.array([len(r) for r in rows])
     step = np.array([[5], [17], [42]], dtype=np.int64)  # batch x 1
-    mask = np.concatenate([mask, np.ones((3, 1), dtype=np.int64)], axis=1)  # batch x (width + 1)
-    logits, present = gen.forward(
-        step, mask, positions_from_mask(mask, 1), past, np.zeros((3, 1), dtype=np.int64)
-    )
-    assert present[0].shape[2] == width + 1
+    logits = gen.forward(step, lengths, np.zeros((3, 1), np.int64), cache)
     for r, row in enumerate(rows):
         want = torch_logits(model, [*row, int(step[r, 0])])[-1]
         assert rel_err(logits[r, 0], want) <= RTOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hole_in_the_middle_of_the_past_is_not_attended(tiny, family):
-    """A masked slot between a cached prefix and the next tokens, holding garbage, changes
-    nothing: the engine may leave such slots when rows of different lengths share a batch."""
+def test_chunks_continue_a_past_row_by_row(tiny, family):
+    """Several new tokens over pasts of different lengths (chunked prefill, cached passages)."""
     gen, model = tiny[family]
-    prefix, rest = rows_for(gen)[0][:5], rows_for(gen)[0][5:]
-    mask = np.ones((1, len(prefix)), dtype=np.int64)  # 1 x prefix
-    _, past = gen.forward(
-        np.array([prefix]), mask, positions_from_mask(mask, len(prefix)), gen.empty_cache(1),
-        np.array([[len(prefix) - 1]]),
-    )  # fmt: skip
+    rows = rows_for(gen)[:2]
+    heads = [r[:5] for r in rows[:1]] + [rows[1][:1]]
+    _, cache = prefill(gen, heads)
+    rests = [rows[0][5:], rows[1][1:]]
+    ids = right_pad(gen, rests)
+    every = np.tile(np.arange(ids.shape[1]), (2, 1))
+    logits = gen.forward(ids, np.array([len(h) for h in heads]), every, cache)
+    for r, (head, rest) in enumerate(zip(heads, rests, strict=True)):
+        want = torch_logits(model, head + rest)[len(head) :]
+        assert rel_err(logits[r, : len(rest)], want) <= RTOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_the_new_slots_are_written_in_place(tiny, family):
+    """The graph writes each row's new keys and values at [length, length + new) of its own row
+    of the caller's buffers; every other slot keeps its bytes."""
+    gen, _ = tiny[family]
     rng = np.random.default_rng(0)
-    garbage = rng.normal(0, 5, size=(1, gen.num_kv_heads, 2, gen.head_dim)).astype(np.float32)
-    past = [np.concatenate([p, garbage], axis=2) for p in past]  # 1 x kvh x (prefix + 2) x hd
-    mask = np.array([[1] * len(prefix) + [0, 0] + [1] * len(rest)])  # 1 x (prefix + 2 + rest)
-    logits, _ = gen.forward(
-        np.array([rest]), mask, positions_from_mask(mask, len(rest)), past,
-        np.array([list(range(len(rest)))]),
-    )  # fmt: skip
-    want = torch_logits(model, prefix + rest)[len(prefix) :]
-    assert rel_err(logits[0], want) <= RTOL
+    cache = [rng.normal(size=c.shape).astype(np.float32) for c in gen.new_cache(2, 16)]
+    before = [c.copy() for c in cache]
+    gen.forward(np.array([[5], [6]]), np.array([3, 7]), np.zeros((2, 1), np.int64), cache)
+    for now, was in zip(cache, before, strict=True):
+        changed = np.argwhere((now != was).any(axis=(1, 3)))  # (row, slot) pairs written
+        assert changed.tolist() == [[0, 3], [1, 7]]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_index_returns_exactly_the_asked_positions(tiny, family):
     gen, _ = tiny[family]
     ids = np.array([rows_for(gen)[0][:6]])
-    mask = np.ones_like(ids)
-    args = (ids, mask, positions_from_mask(mask, 6), gen.empty_cache(1))
-    every, _ = gen.forward(*args, np.array([list(range(6))]))
+    every = gen.forward(ids, np.zeros(1, np.int64), np.array([list(range(6))]), gen.new_cache(1, 8))
     asked = [4, 0, 4, 2]
-    picked, _ = gen.forward(*args, np.array([asked]))
+    picked = gen.forward(ids, np.zeros(1, np.int64), np.array([asked]), gen.new_cache(1, 8))
     assert picked.shape == (1, 4, gen.vocab_size)
     np.testing.assert_allclose(picked[0], every[0, asked], rtol=1e-5, atol=1e-5)
     assert not np.allclose(picked[0, 0], picked[0, 1])  # positions really differ
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_position_ids_are_honoured(tiny, family):
+def test_positions_follow_the_rows_length(tiny, family):
+    """A row's tokens sit at positions length, length + 1, ...: its past decides them."""
     gen, model = tiny[family]
-    row = rows_for(gen)[0][:6]
-    ids, mask = np.array([row]), np.ones((1, 6), dtype=np.int64)
-    shifted = np.arange(7, 13)[None]  # 1 x 6
-    logits, _ = gen.forward(ids, mask, shifted, gen.empty_cache(1), np.array([list(range(6))]))
-    assert rel_err(logits[0], torch_logits(model, row, positions=list(range(7, 13)))) <= RTOL
-    if family == "gpt2":  # learned absolute positions: a shift must change the logits
-        assert rel_err(logits[0], torch_logits(model, row)) > 1e-3
-
-
-def test_past_of_length_zero_gives_present_of_the_new_length(tiny):
-    gen, _ = tiny["llama"]
-    ids = np.array([[7, 8, 9]])
-    mask = np.ones_like(ids)
-    past = gen.empty_cache(1)
-    assert past[0].shape == (1, gen.num_kv_heads, 0, gen.head_dim)
-    assert len(past) == 2 * gen.num_layers
-    logits, present = gen.forward(ids, mask, positions_from_mask(mask, 3), past, np.array([[2]]))
-    assert logits.shape == (1, 1, gen.vocab_size) and logits.dtype == np.float32
-    assert [p.shape[2] for p in present] == [3] * 2 * gen.num_layers
-
-
-def test_positions_from_mask_skips_holes():
-    mask = np.array([[0, 0, 1, 1, 1], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(positions_from_mask(mask, 3), [[0, 1, 2], [1, 2, 2], [2, 3, 4]])
+    row = rows_for(gen)[0]
+    _, cache = prefill(gen, [row[:3]])
+    logits = gen.forward(np.array([row[3:6]]), np.array([3]), np.array([[0, 1, 2]]), cache)
+    assert rel_err(logits[0], torch_logits(model, row[:6])[3:]) <= RTOL
+    if family == "gpt2":  # learned absolute positions: the same tokens at 0 differ
+        assert rel_err(logits[0], torch_logits(model, row[3:6])) > 1e-3
 
 
 def test_edited_model_file_fails_load_naming_the_file(tiny, tmp_path):
@@ -232,14 +208,28 @@ def test_encode_parses_special_tokens_and_decode_drops_them(tiny):
     assert gen.decode(ids) == "user\nParis"
 
 
-def test_forward_rejects_a_past_of_the_wrong_shape(tiny):
+def test_forward_rejects_what_would_write_outside_the_cache(tiny):
     gen, _ = tiny["llama"]
     ids = np.array([[7, 8]])
-    past = gen.empty_cache(2)  # batch 2 for a batch of 1
-    with pytest.raises(ValueError, match=r"past\[0\]"):
-        gen.forward(ids, np.ones((1, 2)), np.array([[0, 1]]), past, np.array([[1]]))
+    with pytest.raises(ValueError, match=r"cache\[0\]"):
+        gen.forward(ids, np.zeros(1, np.int64), np.array([[1]]), gen.new_cache(2, 8))
     with pytest.raises(ValueError, match="logits_index"):
-        gen.forward(ids, np.ones((1, 2)), np.array([[0, 1]]), gen.empty_cache(1), np.array([[2]]))
+        gen.forward(ids, np.zeros(1, np.int64), np.array([[2]]), gen.new_cache(1, 8))
+    with pytest.raises(ValueError, match="must fit the cache's 8 slots"):
+        gen.forward(ids, np.array([7]), np.array([[1]]), gen.new_cache(1, 8))
+    view = [c[:, :, :4] for c in gen.new_cache(1, 8)]  # a slice of slots is not contiguous
+    with pytest.raises(ValueError, match="not contiguous"):
+        gen.forward(ids, np.zeros(1, np.int64), np.array([[1]]), view)
+
+
+def test_a_bundle_of_the_traced_graph_is_refused_with_the_rebuild_command(tiny, tmp_path):
+    gen, _ = tiny["llama"]
+    copy = shutil.copytree(gen.folder, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["graph"] = "traced"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="export-default --overwrite"):
+        Generator.load(copy)
 
 
 def test_export_from_hf_dispatches_on_model_type(tmp_path):

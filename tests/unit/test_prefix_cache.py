@@ -33,6 +33,13 @@ def prompts_for(gen, question):
     return [tokenize_prompt(tpl, gen.encode, passage_text(t, x), question) for t, x in PASSAGES]
 
 
+def cached_pass(gen, rows, prefixes):
+    """Rows continuing from prefixes (None: computed whole): logits after each row's last token."""
+    pieces = [[] if p is None else [p] for p in prefixes]
+    out = kv.run_rows(gen, rows, pieces, [[len(r) - 1] for r in rows])
+    return out.logits[:, 0], out
+
+
 def test_cached_prefix_prefill_equals_full_prefill(gen):
     for q in QUESTIONS:
         prompts = prompts_for(gen, q)
@@ -41,12 +48,12 @@ def test_cached_prefix_prefill_equals_full_prefill(gen):
         prefixes = []
         for p in prompts:
             _, b = kv.prefill(gen, [p.passage])
-            prefixes.append(kv.row_slots(b, 0, b.length - len(p.passage), len(p.passage)))
-        cached_logits, batch = kv.prefill(gen, [p.rest for p in prompts], prefixes)
+            prefixes.append(kv.row_slots(b, 0, 0, len(p.passage)))
+        cached_logits, out = cached_pass(gen, [p.rest for p in prompts], prefixes)
         np.testing.assert_allclose(cached_logits, full_logits, atol=1e-5, rtol=0)
-        assert batch.next_pos.tolist() == [len(p.ids) for p in prompts]
+        assert out.prefix_lengths == [len(p.passage) for p in prompts]
         # Mixed batch: some rows from the cache, some computed whole.
-        mixed, _ = kv.prefill(
+        mixed, _ = cached_pass(
             gen,
             [prompts[0].rest, prompts[1].ids, prompts[2].rest],
             [prefixes[0], None, prefixes[2]],
@@ -61,7 +68,15 @@ def test_decode_after_cached_prefill_equals_uncached(gen):
     for p in prompts:
         _, b = kv.prefill(gen, [p.passage])
         prefixes.append(kv.row_slots(b, 0, 0, len(p.passage)))
-    _, cached = kv.prefill(gen, [p.rest for p in prompts], prefixes)
+    _, out = cached_pass(gen, [p.rest for p in prompts], prefixes)
+    rows = [[prefix, out.new_slots(i, len(p.rest))] for i, (prefix, p) in enumerate(
+        zip(prefixes, prompts, strict=True))]  # fmt: skip
+    cached = kv.select(full, np.arange(full.rows))  # full's shapes, every slot overwritten:
+    for batch in (cached,):
+        for a in batch.past:
+            a[:] = np.nan
+    for i, row in enumerate(rows):
+        kv.write_pieces(cached.past, i, 0, row)
     for batch in (full, cached):
         batch.last[:] = 7
     np.testing.assert_allclose(kv.decode(gen, cached), kv.decode(gen, full), atol=1e-5, rtol=0)

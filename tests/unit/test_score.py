@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import row_logits
 
 from ragmix.engine import score
 from ragmix.engine.prompts import PromptTemplate, concat_text, tokenize_prompt
@@ -36,11 +37,8 @@ def template(gen) -> PromptTemplate:
 
 def single_row_logprobs(gen: Generator, prompt: list[int], answer: list[int]) -> np.ndarray:
     """log p(answer_t | prompt, answer_<t) from one unpadded row: N."""
-    ids = np.array([prompt + answer], np.int64)
-    pos = np.arange(ids.shape[1], dtype=np.int64)[None]
-    index = np.arange(len(prompt) - 1, len(prompt) - 1 + len(answer), dtype=np.int64)[None]
-    logits, _ = gen.forward(ids, np.ones_like(ids), pos, gen.empty_cache(1), index)
-    x = logits[0].astype(np.float64)  # N x V
+    index = range(len(prompt) - 1, len(prompt) - 1 + len(answer))
+    x = row_logits(gen, prompt + answer, index).astype(np.float64)  # N x V
     lse = np.log(np.exp(x - x.max(1, keepdims=True)).sum(1)) + x.max(1)
     return x[np.arange(len(answer)), answer] - lse
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import row_logits
 
 from ragmix.engine.prompts import PromptTemplate
 from ragmix.engine.score import continuation_logprobs, passage_prompts
@@ -46,10 +47,7 @@ def greedy(gen: Generator, prompt: list[int], n: int) -> tuple[list[int], float]
     """Argmax loop recomputing the full row each step; returns tokens (EOS included) and log p."""
     seq, total = list(prompt), 0.0
     for _ in range(n):
-        ids = np.array([seq], np.int64)
-        pos = np.arange(len(seq), dtype=np.int64)[None]
-        logits, _ = gen.forward(ids, np.ones_like(ids), pos, gen.empty_cache(1), [[len(seq) - 1]])
-        x = logits[0, 0].astype(np.float64)
+        x = row_logits(gen, seq, [len(seq) - 1])[0].astype(np.float64)
         logp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
         top2 = np.sort(logp)[-2:]
         assert top2[1] - top2[0] > MIN_GAP, "greedy tie: choose other inputs"

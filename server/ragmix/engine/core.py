@@ -73,8 +73,7 @@ class StepPlan:
 
 @dataclass
 class ForwardOutput:
-    logits: np.ndarray  # decode rows x V
-    new_kv: list[np.ndarray]  # 2*layers x [decode rows, kv_heads, 1, head_dim]
+    logits: np.ndarray  # decode rows x V (their new KV is in the batch, past their lengths)
     chunk: ChunkOutput | None
 
 
@@ -262,9 +261,9 @@ class EngineCore:
 
     def _forward(self, plan: StepPlan) -> ForwardOutput:
         if plan.decoding:
-            logits, new = kv.decode_forward(self.generator, self.batch.view, plan.rows)
+            logits = self.batch.decode(self.generator, plan.rows)
         else:
-            logits, new = np.zeros((0, self.generator.vocab_size), np.float32), []
+            logits = np.zeros((0, self.generator.vocab_size), np.float32)
         chunk = None
         if plan.chunk.rows:
             t = time.perf_counter()
@@ -273,7 +272,7 @@ class EngineCore:
             self.observer.on_prefill(
                 len(plan.chunk.rows), sum(plan.chunk.counts), cached, time.perf_counter() - t
             )
-        return ForwardOutput(logits, new, chunk)
+        return ForwardOutput(logits, chunk)
 
     # ----------------------------------------------------------------- 3. mix
 
@@ -348,7 +347,7 @@ class EngineCore:
 
     def _update(self, plan: StepPlan, out: ForwardOutput, mixed: Mixed) -> None:
         if plan.decoding:
-            self.batch.append(out.new_kv)
+            self.batch.append()
         if out.chunk is not None:
             commit_chunk(plan.chunk, out.chunk, self.passage_cache)
         freed: list[int] = []  # decode rows of requests that left (or beams that ended)

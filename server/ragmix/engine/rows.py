@@ -1,18 +1,19 @@
 """The running batch's decode rows, in buffers with room to spare, so rows come and go in place.
 
 Requests join, leave and reorder their beams every few steps under load; rebuilding the batch for
-each change copies every row (at 80 rows x 350 slots of the default model, 1.3 GB and ~0.35 s a
-time). Here a change copies only the rows it concerns:
+each change copies every row. Here a change copies only the rows it concerns (kv.py's slot layout:
+row i's KV is slots [0, lengths[i]) of row i of every buffer):
 
-- leave: the freed slots are filled with the last live rows (their owners are told where they
-  went), and the live count shrinks: rows [0, rows) are always the live ones;
-- join: new rows are written after the live ones, right-aligned at the write column `length`; a
-  row longer than `length` moves the write column on (the others get masked holes);
+- decode: the generator writes each row's new keys and values at its slot `length`, in place;
+- leave: the freed rows are filled with the last live rows (their owners are told where they
+  went), and the live count shrinks: rows [0, rows) are always the live ones, so a decode pass
+  reads the buffers' first rows as they are (no gather);
+- join: new rows are written after the live ones, from slot 0;
 - beams: a request's rows are overwritten by copies of its parents, within its own slots.
 
-Buffers are [row capacity, kv_heads, slot capacity, head_dim] per layer; only when a capacity is
-short are they reallocated, and then the leading slots no live row uses are dropped. Slots a
-mask zeroes hold finite values (zeros or an old row's), which is all the graph needs.
+Buffers are [max_rows, kv_heads, capacity, head_dim] per layer, zeroed lazily by the OS (rows
+never used cost no memory); only when a row needs more slots than the capacity are they
+reallocated (by half again at least), copying the live rows' slots.
 """
 
 from __future__ import annotations
@@ -27,44 +28,58 @@ from ragmix.engine import kv
 if TYPE_CHECKING:
     from ragmix.models.generator import Generator
 
-GROW = kv.GROW  # spare slots and rows added when a capacity is reallocated
-
 
 class RunningBatch:
     def __init__(self, generator: Generator, max_rows: int = 0) -> None:
-        """max_rows: the rows admission allows (buffers are made that tall at once: growing them
-        row by row during a ramp-up copied the batch at every admission)."""
-        like = generator.empty_cache(0)
-        self.max_rows = max_rows
-        self._past = [np.zeros((0, a.shape[1], 0, a.shape[3]), a.dtype) for a in like]
-        self._mask = np.zeros((0, 0), np.int64)
-        self._pos = np.zeros(0, np.int64)
-        self._last = np.zeros(0, np.int64)
+        """max_rows: the rows admission allows (buffers are made that tall at once)."""
+        self.max_rows = max(max_rows, 1)
+        self._past = generator.new_cache(self.max_rows, 0)
+        self._lengths = np.zeros(self.max_rows, np.int64)
+        self._last = np.zeros(self.max_rows, np.int64)
         self.rows = 0  # live rows: [0, rows)
-        self.length = 0  # the write column: the next token's KV goes to slot `length`
+
+    @property
+    def capacity(self) -> int:
+        return int(self._past[0].shape[2])
 
     @property
     def view(self) -> kv.Batch:
-        """The live rows as a kv.Batch of views (no copy): what a decode pass reads."""
+        """The live rows as a kv.Batch of views (no copy)."""
         n = self.rows
-        return kv.Batch(
-            [a[:n] for a in self._past], self._mask[:n], self._pos[:n], self._last[:n], self.length
-        )
+        return kv.Batch([a[:n] for a in self._past], self._lengths[:n], self._last[:n])
 
     @property
     def last(self) -> np.ndarray:
         """The token each live row feeds next (a view: writes go through)."""
         return self._last[: self.rows]
 
-    def append(self, new: list[np.ndarray]) -> None:
-        """Write every live row's new token KV (from kv.decode_forward) at the write column."""
-        self._reserve(self.rows, append=True)
-        n, t = self.rows, self.length
-        for buf, fresh in zip(self._past, new, strict=True):
-            buf[:n, :, t] = fresh[:, :, 0]  # rows x kv_heads x head_dim
-        self._mask[:n, t] = 1
-        self._pos[:n] += 1
-        self.length = t + 1
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths[: self.rows]
+
+    def decode(self, generator: Generator, rows: np.ndarray | None = None) -> np.ndarray:
+        """Logits (rows x V) of one token step of every live row, or only of `rows`.
+
+        All rows: the new keys and values land in place at each row's slot `length`, past what
+        the row holds, so nothing the batch holds changes until `append` takes them. `rows`
+        (a probe for a failing request): the pass runs on copies, and writes nothing here.
+        """
+        n = self.rows
+        self._reserve(int(self._lengths[:n].max(initial=0)) + 1)
+        if rows is None:
+            past, lengths, last = [a[:n] for a in self._past], self._lengths[:n], self._last[:n]
+        else:
+            past, lengths, last = (
+                [a[rows] for a in self._past],
+                self._lengths[rows],
+                self._last[rows],
+            )
+        index = np.zeros((lengths.size, 1), np.int64)
+        return generator.forward(last[:, None], lengths, index, past)[:, 0, :]
+
+    def append(self) -> None:
+        """Take the token every live row's last `decode` wrote: one more slot each."""
+        self._lengths[: self.rows] += 1
 
     def move(self, dst: Sequence[int], src: Sequence[int]) -> None:
         """Row dst[i] becomes a copy of row src[i] (sources are read before any is written)."""
@@ -72,11 +87,11 @@ class RunningBatch:
         moved = dst != src
         if not moved.any():
             return
-        dst, src, t = dst[moved], src[moved], self.length
+        dst, src = dst[moved], src[moved]
+        t = int(self._lengths[src].max())
         for buf in self._past:
             buf[dst, :, :t] = buf[src, :, :t]
-        self._mask[dst, :t] = self._mask[src, :t]
-        self._pos[dst] = self._pos[src]
+        self._lengths[dst] = self._lengths[src]
         self._last[dst] = self._last[src]
 
     def free(self, slots: Sequence[int]) -> dict[int, int]:
@@ -86,65 +101,40 @@ class RunningBatch:
         live = self.rows - len(gone)
         holes = sorted(s for s in gone if s < live)
         movers = [s for s in range(live, self.rows) if s not in gone]
-        self.move(holes, movers)
+        for hole, mover in zip(holes, movers, strict=True):  # one row each: its own slots only
+            n = int(self._lengths[mover])
+            for buf in self._past:
+                buf[hole, :, :n] = buf[mover, :, :n]
+            self._lengths[hole], self._last[hole] = n, self._last[mover]
         self.rows = live
-        if live == 0:
-            self.length = 0
         return dict(zip(movers, holes, strict=True))
 
     def add(self, rows: Sequence[kv.Pieces], last: Sequence[int]) -> list[int]:
         """Write new rows (each its KV as pieces) after the live ones; returns their slots."""
         lengths = [kv.pieces_len(r) for r in rows]
-        self._reserve(self.rows + len(rows), longest=max(lengths))
-        length = self.length = max(self.length, *lengths)
         first = self.rows
+        if first + len(rows) > self.max_rows:
+            raise ValueError(f"{first + len(rows)} rows exceed the batch's {self.max_rows}.")
+        self._reserve(max(lengths) + 1)
         for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-            s = first + i
-            self._mask[s] = 0
-            kv.write_pieces(self._past, s, length - n, row)
-            self._mask[s, length - n : length] = 1
-            self._pos[s] = n
-            self._last[s] = last[i]
+            kv.write_pieces(self._past, first + i, 0, row)
+            self._lengths[first + i] = n
+            self._last[first + i] = last[i]
         self.rows = first + len(rows)
         return list(range(first, self.rows))
 
-    def _reserve(self, rows: int, longest: int = 0, append: bool = False) -> None:
-        """Room for `rows` rows and for the write column (after a row of `longest` slots joins,
-        or after one more append). When short of slots, first drop the leading slots no live row
-        uses by shifting the rows left in place; allocate new buffers only when that is not
-        enough, or rows are short (fresh memory costs a page fault per 4 KB: a 1.3 GB copy into
-        new buffers took 1.6 s here, one within the buffers ~0.2 s)."""
-        cap_rows, cap = self._mask.shape
-        step = 1 if append else 0
-        if rows <= cap_rows and max(self.length + step, longest) <= cap:
+    def _reserve(self, slots: int) -> None:
+        """Room for `slots` slots in every row: reallocate (copying the live rows' slots) only
+        when the capacity is short (fresh memory costs a page fault per 4 KB touched)."""
+        cap = self.capacity
+        if slots <= cap:
             return
-        used = np.flatnonzero(self._mask[: self.rows, : self.length].any(axis=0))
-        start = int(used[0]) if used.size else self.length
-        keep = self.length - start  # slots of the live rows that stay
-        if rows <= cap_rows and max(keep + step, longest) <= cap:
-            self._shift_left(start)
-            return
-        new_rows = max(
-            cap_rows, self.max_rows, rows + (max(8, rows // 4) if rows > cap_rows else 0)
-        )
-        new_cap = max(keep + step, longest) + max(GROW, cap // 4)
-        past = [np.zeros((new_rows, a.shape[1], new_cap, a.shape[3]), a.dtype) for a in self._past]
-        mask = np.zeros((new_rows, new_cap), np.int64)
+        new_cap = max(slots + kv.GROW, cap + cap // 2)
         n = self.rows
+        used = int(self._lengths[:n].max(initial=0))
+        past = [
+            np.zeros((a.shape[0], a.shape[1], new_cap, a.shape[3]), a.dtype) for a in self._past
+        ]
         for buf, old in zip(past, self._past, strict=True):
-            buf[:n, :, :keep] = old[:n, :, start : self.length]
-        mask[:n, :keep] = self._mask[:n, start : self.length]
-        pos, last = np.zeros(new_rows, np.int64), np.zeros(new_rows, np.int64)
-        pos[:n], last[:n] = self._pos[:n], self._last[:n]
-        self._past, self._mask, self._pos, self._last = past, mask, pos, last
-        self.length = keep
-
-    def _shift_left(self, start: int) -> None:
-        """Move every live row's slots [start, length) to [0, length - start), in place."""
-        keep = self.length - start
-        for buf in self._past:
-            for r in range(self.rows):  # one row at a time: overlaps need only a small temporary
-                buf[r, :, :keep] = buf[r, :, start : self.length]
-        self._mask[: self.rows, :keep] = self._mask[: self.rows, start : self.length]
-        self._mask[: self.rows, keep:] = 0
-        self.length = keep
+            buf[:n, :, :used] = old[:n, :, :used]
+        self._past = past

@@ -24,7 +24,6 @@ import numpy as np
 from ragmix import kernels
 from ragmix.engine.prompts import PromptTemplate, concat_text, passage_text, tokenize_prompt
 from ragmix.errors import ValidationError
-from ragmix.models.generator import positions_from_mask
 
 if TYPE_CHECKING:
     from ragmix.models.generator import Generator
@@ -121,19 +120,14 @@ def _score_pass(
     full = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
     seq = max(len(f) for f in full)
     width = max(1, max(len(c) for c in continuations))
-    ids = np.full((rows, seq), generator.pad_token_id, np.int64)  # rows x S
-    mask = np.zeros((rows, seq), np.int64)  # rows x S
-    logits_index = np.full((rows, width), seq - 1, np.int64)  # rows x positions
+    ids = np.full((rows, seq), generator.pad_token_id, np.int64)  # rows x S, right-padded
+    logits_index = np.zeros((rows, width), np.int64)  # rows x positions
     for r, (p, c, f) in enumerate(zip(prompts, continuations, full, strict=True)):
-        pad = seq - len(f)
-        ids[r, pad:] = f
-        mask[r, pad:] = 1
-        if c:
-            # The logits at p's last token predict c[0]; padded positions repeat the last one.
-            first = pad + len(p) - 1
-            logits_index[r] = first + np.minimum(np.arange(width), len(c) - 1)
-    positions = positions_from_mask(mask, seq)  # rows x S
-    logits, _ = generator.forward(ids, mask, positions, generator.empty_cache(rows), logits_index)
+        ids[r, : len(f)] = f
+        # The logits at p's last token predict c[0]; padded positions repeat the last one.
+        logits_index[r] = len(p) - 1 + np.minimum(np.arange(width), max(len(c) - 1, 0))
+    cache = generator.new_cache(rows, seq)
+    logits = generator.forward(ids, np.zeros(rows, np.int64), logits_index, cache)
     picked = np.concatenate(
         [logits[r, : len(c)] for r, c in enumerate(continuations)]
         + [np.zeros((0, logits.shape[2]), np.float32)]

@@ -17,7 +17,7 @@ from pathlib import Path
 from ragmix import paths
 from ragmix.errors import BundleError
 from ragmix.models import bundle
-from ragmix.models.generator_export import KV_OUTPUTS
+from ragmix.models.generator import GRAPH
 
 LOG = logging.getLogger(__name__)
 
@@ -47,20 +47,24 @@ def find_smollm2_gguf() -> tuple[Path, str]:
     return folder, SMOLLM2_GGUF
 
 
-def export_from_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
+def export_from_hf(
+    src: Path, out: Path, *, overwrite: bool = False, **generator_options: str | None
+) -> Path:
     """Export a local Hugging Face folder to a generator or an encoder bundle, by its model_type.
 
     A folder holding only a .gguf file (or the .gguf path itself) is exported as a generator.
+    generator_options (graph, precision, quantize) go to generator_export.export_generator.
     """
     src = Path(src)
+    kw = {k: v for k, v in generator_options.items() if v is not None}
     if src.is_file() and src.suffix == ".gguf":
-        return _export_generator(src.parent, out, overwrite=overwrite, gguf_file=src.name)
+        return _export_generator(src.parent, out, overwrite=overwrite, gguf_file=src.name, **kw)
     if not src.is_dir():
         raise BundleError(f"{src} is not a folder; give a local Hugging Face model folder.")
     if not (src / "config.json").is_file():
         ggufs = sorted(p.name for p in src.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _export_generator(src, out, overwrite=overwrite, gguf_file=ggufs[0])
+            return _export_generator(src, out, overwrite=overwrite, gguf_file=ggufs[0], **kw)
         raise BundleError(
             f"{src} has no config.json"
             + (f" and {len(ggufs)} .gguf files; give one of them" if ggufs else "")
@@ -71,7 +75,7 @@ def export_from_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
     except json.JSONDecodeError as e:
         raise BundleError(f"{src / 'config.json'} is not valid JSON: {e}.") from e
     if model_type in GENERATOR_TYPES:
-        return _export_generator(src, out, overwrite=overwrite)
+        return _export_generator(src, out, overwrite=overwrite, **kw)
     if model_type in ENCODER_TYPES or (src / "modules.json").is_file():
         from ragmix.models.encoder_export import export_encoder
 
@@ -84,11 +88,11 @@ def export_from_hf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
 
 
 def _export_generator(
-    src: Path, out: Path, *, overwrite: bool, gguf_file: str | None = None
+    src: Path, out: Path, *, overwrite: bool, gguf_file: str | None = None, **kw: str
 ) -> Path:
     from ragmix.models.generator_export import export_generator
 
-    return export_generator(src, out, gguf_file=gguf_file, overwrite=overwrite)
+    return export_generator(src, out, gguf_file=gguf_file, overwrite=overwrite, **kw)
 
 
 def export_default(
@@ -154,8 +158,13 @@ def _usable(folder: Path, kind: str, verify: bool) -> bool:
     except BundleError as e:
         LOG.warning("rebuilding %s: %s", folder, e)
         return False
-    if kind == "generator" and manifest.get("kv", {}).get("outputs") != KV_OUTPUTS:
-        LOG.warning("rebuilding %s: exported by an older ragmix (whole-cache outputs)", folder)
+    if kind == "generator" and manifest.get("graph") != GRAPH:
+        LOG.warning(
+            "rebuilding %s: it holds the %s graph of an older ragmix; this version serves the "
+            "fused graph over the GGUF's own 4-bit weights",
+            folder,
+            manifest.get("graph", "traced"),
+        )
         return False
     return True
 

@@ -1,8 +1,10 @@
-"""The generator bundle at run time: an onnxruntime session over a decoder with a caller-owned KV cache.
+"""The generator bundle at run time: an onnxruntime session over a fused decoder graph whose KV
+cache the caller owns.
 
-No torch here. The engine owns scheduling and the cache; this class only runs one forward pass over
-a batch of rows, each row with its own mask, positions and past, and returns logits at the
-positions asked for plus the grown cache (see generator_export.py for the graph's contract).
+No torch here. The engine owns scheduling and the cache; this class runs one forward pass over a
+batch of rows, each row's KV a prefix of its own row of the cache, and returns logits at the
+positions asked for; the graph writes the new keys and values into the cache in place (see
+fused_graph.py for the graph's contract).
 """
 
 from __future__ import annotations
@@ -22,16 +24,7 @@ from ragmix.models import bundle
 LOG = logging.getLogger(__name__)
 
 KIND = "generator"
-
-
-def positions_from_mask(attention_mask: np.ndarray, new_tokens: int) -> np.ndarray:
-    """Position ids of the last `new_tokens` slots: the count of attended slots before each.
-
-    Holes in the mask (left padding, evicted slots) do not advance the position, so a row's
-    positions are the same wherever its tokens sit in the batch. Padding slots get 0.
-    """
-    positions = np.cumsum(attention_mask, axis=1, dtype=np.int64) - 1  # batch x total
-    return np.clip(positions[:, attention_mask.shape[1] - new_tokens :], 0, None)  # batch x new
+GRAPH = "fused"  # the graph kind this runtime drives (fused_graph.py's contract)
 
 
 def default_providers() -> list[str]:
@@ -86,11 +79,12 @@ class Generator:
         for key in ("name", "fingerprint", "tokenizer", "prompt_template", "kv", "io", "files"):
             if key not in manifest:
                 raise BundleError(f"{folder}/manifest.json lacks {key!r}. Rebuild the bundle.")
-        if manifest["kv"].get("outputs") != "new":
+        if manifest.get("graph") != GRAPH:
             raise BundleError(
-                f"{folder} was exported by an older ragmix whose graph returns the whole KV cache; "
-                "this version needs only the new keys and values. Rebuild it (`ragmix models "
-                "export-default --overwrite`, or `ragmix models export ... --overwrite`)."
+                f"{folder} holds a {manifest.get('graph', 'traced')} graph from an older ragmix; "
+                "this version serves the fused graph (GroupQueryAttention over a slot cache). "
+                "Rebuild it (`ragmix models export-default --overwrite`, or `ragmix models "
+                "export ... --overwrite`)."
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -121,88 +115,96 @@ class Generator:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        """A past of length 0 for `batch` rows, ordered k0, v0, k1, v1, ..."""
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)  # batch x kv_heads x 0 x head_dim
-        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)]
+    def new_cache(self, rows: int, capacity: int) -> list[np.ndarray]:
+        """An empty KV cache: 2 * layers zeroed buffers [rows, kv_heads, capacity, head_dim],
+        ordered k0, v0, k1, v1, ... (zeroed lazily by the OS: untouched slots cost no memory)."""
+        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        return [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
 
     def forward(
         self,
         input_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        past: list[np.ndarray],
+        lengths: np.ndarray,
         logits_index: np.ndarray,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """`forward_new`, returning the present cache (past and new concatenated) instead.
+        cache: Sequence[np.ndarray],
+    ) -> np.ndarray:
+        """One pass over `batch` rows of `new` tokens each; returns logits batch x W x vocab.
 
-        Convenient for callers that rebuild their cache every call; the engine appends in place.
+        input_ids: batch x new, each row's tokens first and any padding after; lengths: batch,
+        the slots each row already holds in `cache` (its KV is the prefix [0, length) of its row);
+        logits_index: batch x W, indices into the new tokens; cache: 2 * layers C-contiguous
+        float32 buffers [batch, kv_heads, capacity, head_dim] (slices of a bigger buffer's rows
+        are fine). The keys and values of the new tokens are written in place at slots
+        [length, length + new) of each row, nothing else is touched: a padding token's slot holds
+        garbage until the row's next token overwrites it.
         """
-        logits, new = self.forward_new(input_ids, attention_mask, position_ids, past, logits_index)
-        return logits, [np.concatenate([p, n], axis=2) for p, n in zip(past, new, strict=True)]
-
-    def forward_new(
-        self,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        past: list[np.ndarray],
-        logits_index: np.ndarray,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One pass over `batch` rows of `new` tokens each.
-
-        input_ids, position_ids: batch x new; attention_mask: batch x (past + new), 1 = attend;
-        past: 2 * layers arrays batch x kv_heads x past x head_dim (slots the mask zeroes must hold
-        finite values, e.g. zeros: a buffer with spare capacity is passed whole, without a copy);
-        logits_index: batch x positions, indices into the new tokens. Returns logits
-        batch x positions x vocab and the new tokens' keys and values (batch x kv_heads x new x
-        head_dim each, same order as `past`).
-        """
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        attention_mask = np.asarray(attention_mask, dtype=np.int64)
-        position_ids = np.asarray(position_ids, dtype=np.int64)
-        logits_index = np.asarray(logits_index, dtype=np.int64)
-        self._check(input_ids, attention_mask, position_ids, past, logits_index)
-        feeds = dict(
-            zip(
-                self.input_names[:4],
-                (input_ids, attention_mask, position_ids, logits_index),
-                strict=True,
-            )
-        )
-        for name, array in zip(self.input_names[4:], past, strict=True):
-            feeds[name] = array
-        outputs = self.session.run(self.output_names, feeds)
-        return outputs[0], outputs[1:]
-
-    def _check(self, input_ids, attention_mask, position_ids, past, logits_index) -> None:
-        """Shape and range checks that cost O(batch x new), so a caller's bug reads as one line
-        instead of an onnxruntime trace."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be batch x new, got shape {input_ids.shape}.")
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
+        self._check(input_ids, lengths, logits_index, cache)
         batch, new = input_ids.shape
-        if len(past) != 2 * self.num_layers:
-            raise ValueError(f"past must hold {2 * self.num_layers} arrays, got {len(past)}.")
-        past_shape = past[0].shape
-        expected = (batch, self.num_kv_heads, past_shape[2] if past_shape else -1, self.head_dim)
-        for i, array in enumerate(past):
-            if array.shape != expected or array.dtype != np.float32:
-                raise ValueError(
-                    f"past[{i}] must be float32 {expected}, got {array.dtype} {array.shape}."
+        logits = np.empty((batch, logits_index.shape[1], self.vocab_size), np.float32)
+        if new > 1 and batch > 1 and lengths.any():
+            # GroupQueryAttention runs several new tokens over a past one row at a time.
+            for b in range(batch):
+                self._run(
+                    input_ids[b : b + 1],
+                    lengths[b : b + 1],
+                    logits_index[b : b + 1],
+                    [a[b : b + 1] for a in cache],
+                    logits[b : b + 1],
                 )
-        total = expected[2] + new
-        if attention_mask.shape != (batch, total):
+        else:
+            self._run(input_ids, lengths, logits_index, cache, logits)
+        return logits
+
+    def _run(self, input_ids, lengths, logits_index, cache, logits) -> None:
+        """One session run with every input and output bound to caller memory (no copies):
+        present key/value are bound to the past buffers, so the graph appends in place."""
+        new = input_ids.shape[1]
+        binding = self.session.io_binding()
+        seqlens = (lengths + (new - 1)).astype(np.int32)
+        total = np.array(int(lengths.max()) + new, np.int32)
+        for name, array in zip(
+            self.input_names[:4], (input_ids, seqlens, total, logits_index), strict=True
+        ):
+            binding.bind_cpu_input(name, array)
+        for past, present, array in zip(
+            self.input_names[4:], self.output_names[1:], cache, strict=True
+        ):
+            binding.bind_input(past, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+        binding.bind_output(
+            self.output_names[0], "cpu", 0, np.float32, logits.shape, logits.ctypes.data
+        )
+        self.session.run_with_iobinding(binding)
+
+    def _check(self, input_ids, lengths, logits_index, cache) -> None:
+        """Shape and range checks that cost O(batch x new), so a caller's bug reads as one line
+        instead of an onnxruntime trace (or a write outside the buffer)."""
+        if input_ids.ndim != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be batch x new (new >= 1), got {input_ids.shape}.")
+        batch, new = input_ids.shape
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}.")
+        if len(cache) != 2 * self.num_layers:
+            raise ValueError(f"cache must hold {2 * self.num_layers} arrays, got {len(cache)}.")
+        first = cache[0]
+        capacity = first.shape[2] if first.ndim == 4 else -1
+        expected = (batch, self.num_kv_heads, capacity, self.head_dim)
+        for i, array in enumerate(cache):
+            if array.shape != expected or array.dtype != np.float32 or not array.flags.c_contiguous:
+                raise ValueError(
+                    f"cache[{i}] must be C-contiguous float32 {expected}, got {array.dtype} "
+                    f"{array.shape}{'' if array.flags.c_contiguous else ' (not contiguous)'}."
+                )
+        if lengths.min() < 0 or lengths.max() + new > capacity:
             raise ValueError(
-                f"attention_mask must be batch x (past + new) = {(batch, total)}, "
-                f"got {attention_mask.shape}."
+                f"lengths + new must fit the cache's {capacity} slots, got lengths in "
+                f"[{lengths.min()}, {lengths.max()}] with {new} new."
             )
-        if position_ids.shape != (batch, new):
-            raise ValueError(f"position_ids must be {(batch, new)}, got {position_ids.shape}.")
-        if new and (position_ids.min() < 0 or position_ids.max() >= self.max_positions):
-            raise ValueError(
-                f"position_ids must be in [0, {self.max_positions - 1}], "
-                f"got [{position_ids.min()}, {position_ids.max()}]."
-            )
+        if lengths.max() + new > self.max_positions:
+            raise ValueError(f"a row would pass the model's {self.max_positions} positions.")
         if logits_index.ndim != 2 or logits_index.shape[0] != batch:
             raise ValueError(
                 f"logits_index must be batch x positions with batch {batch}, "
@@ -213,7 +215,7 @@ class Generator:
                 f"logits_index must be in [0, {new - 1}], "
                 f"got [{logits_index.min()}, {logits_index.max()}]."
             )
-        if new and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+        if input_ids.min() < 0 or input_ids.max() >= self.vocab_size:
             raise ValueError(
                 f"input_ids must be in [0, {self.vocab_size - 1}], "
                 f"got [{input_ids.min()}, {input_ids.max()}]."

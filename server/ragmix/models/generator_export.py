@@ -59,6 +59,12 @@ def io_names(num_layers: int) -> dict[str, Any]:
     }
 
 
+GRAPHS = ("fused", "traced")
+# The default for GGUF sources: the fastest precision whose greedy tokens match the exact q4 graph's
+# on >= 99 % of the e2e questions' answer tokens (benchmarks/step.py measures both).
+DEFAULT_GGUF_PRECISION = "q4"
+
+
 def export_generator(
     src: Path,
     out: Path,
@@ -67,12 +73,23 @@ def export_generator(
     overwrite: bool = False,
     opset: int = 17,
     name: str | None = None,
+    graph: str = "fused",
+    precision: str | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Export the Hugging Face causal LM folder `src` (or its `gguf_file`) to the bundle `out`.
 
-    The bundle is written to a temporary sibling folder and renamed into place, and its ONNX logits
-    are checked against PyTorch on a padded batch with a past before the rename.
+    graph: "fused" (what the server runs: fused_graph.py) or "traced" (the torch.onnx trace of
+    earlier versions, kept as a benchmark baseline; the server does not load it). precision: for
+    the fused graph, one of fused_graph.PRECISIONS (default: DEFAULT_GGUF_PRECISION for a GGUF's
+    4-bit blocks, fp32 otherwise); quantize="int4" gives an fp32 model Q4_1 blocks first (lossy).
+    The bundle is written to a temporary sibling folder and renamed into place, and its logits
+    and new keys/values are checked against PyTorch on padded rows with a past before the rename.
     """
+    if graph not in GRAPHS:
+        raise BundleError(f"graph must be one of {GRAPHS}, got {graph!r}.")
+    if quantize not in (None, "int4"):
+        raise BundleError(f"quantize must be 'int4' or none, got {quantize!r}.")
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -105,52 +122,233 @@ def export_generator(
     )
     model.eval()
     LOG.info("loaded %s in %.1f s", src, time.perf_counter() - started)
-
     wrapper = _wrapper_class()(model)
-    sample = _sample_inputs(wrapper.num_layers, config, tokenizer)
-    with torch.no_grad():
-        expected = wrapper(*sample)
-    num_kv_heads, head_dim = int(expected[1].shape[1]), int(expected[1].shape[3])
-    names = io_names(wrapper.num_layers)
-
+    eos = _eos_token_ids(model, tokenizer)
+    manifest: dict[str, Any] = {
+        "format": bundle.FORMAT_VERSION,
+        "kind": "generator",
+        "name": name or (Path(gguf_file).stem if gguf_file else src.name),
+        "architecture": config.model_type,
+        "source": {"folder": src.name, "gguf_file": gguf_file},
+        "tokenizer": TOKENIZER_FILE,
+        "prompt_template": prompt_template(tokenizer),
+        "eos_token_ids": eos,
+        "pad_token_id": _pad_token_id(model, tokenizer, eos),
+        "bos_token_id": _optional_int(config.bos_token_id),
+        "max_positions": int(config.max_position_embeddings),
+        "opset": opset,
+    }
     with bundle.atomic_dir(out, overwrite=overwrite) as tmp:
-        onnx_path = tmp / ONNX_FILE
-        _export_onnx(wrapper, sample, onnx_path, names, opset)
-        files = [ONNX_FILE, *(p.name for p in tmp.iterdir() if p.name != ONNX_FILE)]
-        _check_onnx(onnx_path, sample, expected, names)
-
+        if graph == "fused":
+            weights_from = (src / gguf_file) if gguf_file else None
+            _export_fused(wrapper, model, config, weights_from, tmp, manifest, precision, quantize)
+        else:
+            _export_traced(wrapper, config, tokenizer, tmp, manifest, opset)
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_FILE))
-        files.append(TOKENIZER_FILE)
+        files = sorted(p.name for p in tmp.iterdir())
         entries = bundle.file_entries(tmp, files)
-        eos = _eos_token_ids(model, tokenizer)
-        manifest = {
-            "format": bundle.FORMAT_VERSION,
-            "kind": "generator",
-            "name": name or (Path(gguf_file).stem if gguf_file else src.name),
-            "architecture": config.model_type,
-            "source": {"folder": src.name, "gguf_file": gguf_file},
-            "files": entries,
-            "fingerprint": bundle.fingerprint(entries),
-            "tokenizer": TOKENIZER_FILE,
-            "prompt_template": prompt_template(tokenizer),
-            "eos_token_ids": eos,
-            "pad_token_id": _pad_token_id(model, tokenizer, eos),
-            "bos_token_id": _optional_int(config.bos_token_id),
-            "vocab_size": int(expected[0].shape[-1]),
-            "max_positions": int(config.max_position_embeddings),
-            "kv": {
-                "num_layers": wrapper.num_layers,
-                "num_kv_heads": num_kv_heads,
-                "head_dim": head_dim,
-                "dtype": "float32",
-                "outputs": KV_OUTPUTS,
-            },
-            "io": names,
-            "opset": opset,
-        }
+        manifest["files"] = entries
+        manifest["fingerprint"] = bundle.fingerprint(entries)
         bundle.write_manifest(tmp, manifest)
     LOG.info("exported %s to %s in %.1f s", src, out, time.perf_counter() - started)
     return Path(out)
+
+
+def _export_fused(
+    wrapper: Any,
+    model: Any,
+    config: Any,
+    gguf_path: Path | None,
+    tmp: Path,
+    manifest: dict[str, Any],
+    precision: str | None,
+    quantize: str | None,
+) -> None:
+    """Build the fused graph from the checkpoint's own weights and check it against PyTorch."""
+    from ragmix.models import checkpoint, fused_graph
+
+    spec = checkpoint.spec_from_config(config)
+    if gguf_path is not None and spec.family == "llama":
+        weights = checkpoint.from_gguf(spec, gguf_path)
+    else:
+        state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+        tied = bool(getattr(config, "tie_word_embeddings", False)) or spec.family == "gpt2"
+        weights = checkpoint.from_state_dict(spec, state, tied)
+    if quantize == "int4":
+        weights = _quantize_int4(weights)
+        _load_reference(model, spec, weights)  # the check compares against what was quantized
+    blocks = _has_blocks(weights)
+    if precision is None:
+        precision = DEFAULT_GGUF_PRECISION if blocks else "fp32"
+    if precision not in fused_graph.PRECISIONS:
+        raise BundleError(f"precision must be one of {fused_graph.PRECISIONS}, got {precision!r}.")
+    if precision != "fp32" and not blocks:
+        raise BundleError(
+            f"precision {precision} serves 4-bit blocks, and these weights are fp32: export a "
+            "GGUF file, or add --quantize int4 (lossy)."
+        )
+    started = time.perf_counter()
+    proto = fused_graph.build(spec, weights, precision)
+    _save(proto, tmp / ONNX_FILE)
+    LOG.info(
+        "built the fused %s graph (%d nodes) in %.1f s",
+        precision,
+        len(proto.graph.node),
+        time.perf_counter() - started,
+    )
+    del proto
+    names = fused_graph.io_names(spec.layers)
+    manifest.update(
+        graph="fused",
+        precision=precision,
+        quantized=quantize,
+        vocab_size=spec.vocab,
+        kv={
+            "num_layers": spec.layers,
+            "num_kv_heads": spec.kv_heads,
+            "head_dim": spec.head_dim,
+            "dtype": "float32",
+            "layout": "slots",
+        },
+        io=names,
+    )
+    # q4 computes the blocks exactly (fp32 accumulation): as tight as fp32 (after --quantize the
+    # reference holds the quantized values). Int8 activations (q4-a8) move logits by percents:
+    # the check then only catches a wrong layout, which moves them by 100 %.
+    tolerance = 1e-3 if precision != "q4-a8" else 0.35
+    _check_fused(tmp / ONNX_FILE, wrapper, spec, manifest, tolerance)
+
+
+def _quantize_int4(weights: Any) -> Any:
+    """Q4_1 blocks for every linear weight (an untied LM head too) and Q8_0 for the embedding,
+    the layout of llama.cpp's Q4_1 files (round to nearest: lossy)."""
+    from ragmix.models import quant
+
+    for layer in weights.layers:
+        for key in ("qkv", "o", "gate_up", "fc", "down"):
+            if key in layer:
+                layer[key] = quant.quantize_q4_1(quant.dense(layer[key]))
+    weights.embed = quant.quantize_q8_0(quant.dense(weights.embed))
+    if weights.lm_head is not None:
+        weights.lm_head = quant.quantize_q4_1(quant.dense(weights.lm_head))
+    return weights
+
+
+def _load_reference(model: Any, spec: Any, weights: Any) -> None:
+    """Put the quantized weights' values into the PyTorch model (the export check's reference)."""
+    import torch
+
+    from ragmix.models import checkpoint
+
+    heads = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim)
+    state = checkpoint.to_state_dict(spec, weights, heads)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
+def _has_blocks(weights: Any) -> bool:
+    from ragmix.models import quant
+
+    return any(isinstance(w, quant.Q4_1) for layer in weights.layers for w in layer.values())
+
+
+def _save(proto: Any, path: Path) -> None:
+    """One model.onnx, its weights in model.onnx.data when they pass protobuf's 2 GB."""
+    import onnx
+
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if size < 1_800_000_000:
+        onnx.save_model(proto, str(path))
+        return
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=ONNX_DATA_FILE,
+        size_threshold=1024,
+    )
+
+
+def _check_fused(
+    path: Path, wrapper: Any, spec: Any, manifest: dict[str, Any], tolerance: float
+) -> None:
+    """Refuse a bundle whose fused graph disagrees with PyTorch: a prompt batch with padding, a
+    decode batch over pasts of different lengths, and one row continuing a past by a chunk."""
+    import onnxruntime as ort
+    import torch
+
+    from ragmix.models.generator import Generator
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runner = Generator.__new__(Generator)  # the runtime's own forward, without a tokenizer
+    runner.session, runner.input_names = session, manifest["io"]["inputs"]
+    runner.output_names = manifest["io"]["outputs"]
+    runner.num_layers, runner.num_kv_heads = spec.layers, spec.kv_heads
+    runner.head_dim, runner.vocab_size = spec.head_dim, spec.vocab
+    runner.max_positions = spec.max_positions
+    gen = torch.Generator().manual_seed(0)
+    cases = [([0, 0], [4, 2]), ([3, 1], [1, 1]), ([5], [3])]
+    for lengths, counts in cases:
+        b, s = len(lengths), max(counts)
+        ids = torch.randint(0, spec.vocab, (b, s), generator=gen)
+        cap = max(lengths) + s
+        past = [
+            torch.randn(b, spec.kv_heads, cap, spec.head_dim, generator=gen)
+            for _ in range(2 * spec.layers)
+        ]
+        index = torch.tensor([[n - 1, 0] for n in counts])  # b x 2
+        cache = [p.numpy().copy() for p in past]
+        got = runner.forward(ids.numpy(), np.array(lengths), index.numpy(), cache)
+        p_len = max(lengths)
+        mask = torch.zeros(b, p_len + s, dtype=torch.int64)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        mask[:, p_len:] = 1
+        positions = torch.tensor([[n + j for j in range(s)] for n in lengths])
+        with torch.no_grad():
+            out = wrapper(ids, mask, positions, index, *(p[:, :, :p_len] for p in past))
+        _close("logits", got, out[0].numpy(), tolerance)
+        for layer, (fused, ref) in enumerate(zip(cache, out[1:], strict=True)):
+            for i, (n, c) in enumerate(zip(lengths, counts, strict=True)):
+                _close(f"new KV {layer}", fused[i, :, n : n + c], ref[i, :, :c].numpy(), tolerance)
+
+
+def _close(what: str, got: np.ndarray, expected: np.ndarray, tolerance: float) -> None:
+    rel = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
+    if not np.isfinite(rel) or rel > tolerance:
+        raise BundleError(
+            f"the fused graph's {what} differs from PyTorch: relative error {rel:.2e}."
+        )
+
+
+def _export_traced(
+    wrapper: Any, config: Any, tokenizer: Any, tmp: Path, manifest: dict[str, Any], opset: int
+) -> None:
+    """The earlier torch.onnx trace (mask-based attention), kept as a benchmark baseline."""
+    import torch
+
+    sample = _sample_inputs(wrapper.num_layers, config, tokenizer)
+    with torch.no_grad():
+        expected = wrapper(*sample)
+    names = io_names(wrapper.num_layers)
+    onnx_path = tmp / ONNX_FILE
+    _export_onnx(wrapper, sample, onnx_path, names, opset)
+    _check_onnx(onnx_path, sample, expected, names)
+    manifest.update(
+        graph="traced",
+        vocab_size=int(expected[0].shape[-1]),
+        kv={
+            "num_layers": wrapper.num_layers,
+            "num_kv_heads": int(expected[1].shape[1]),
+            "head_dim": int(expected[1].shape[3]),
+            "dtype": "float32",
+            "outputs": KV_OUTPUTS,
+        },
+        io=names,
+    )
 
 
 def prompt_template(tokenizer: Any) -> str:
