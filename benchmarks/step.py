@@ -121,7 +121,7 @@ class OnnxFeeds:
         n, s = ids.shape
         total = past + s
         f: dict[str, np.ndarray] = {}
-        for name, meta in self.inputs.items():
+        for name in self.inputs:
             if name == "input_ids":
                 f[name] = ids
             elif name == "attention_mask":
@@ -304,13 +304,13 @@ def measure(system: Any, ids: np.ndarray, rounds: int, iters: int) -> dict[str, 
     tokens = ids[:, -1].copy() if ids.shape[0] >= max(ROWS) else np.resize(ids[:, -1], max(ROWS))
     res: dict[str, float] = {}
     res["prefill_5x300_ms"] = 1e3 * median(
-        sum((timed(lambda: system.prefill(ids[:5]), 1) for _ in range(rounds)), [])
+        [t for _ in range(rounds) for t in timed(lambda: system.prefill(ids[:5]), 1)]
     )
     if hasattr(system, "prepare_steps"):
         system.prepare_steps(ids if isinstance(system, LlamaCpp) else tokens)
     for rows in ROWS:
         n = max(3, iters // (1 + rows // 20))
-        times = sum((timed(lambda r=rows: system.step(r, tokens), n) for _ in range(rounds)), [])
+        times = [t for _ in range(rounds) for t in timed(lambda r=rows: system.step(r, tokens), n)]
         res[f"step_{rows}_ms"] = 1e3 * median(times)
     return res
 
