@@ -45,6 +45,7 @@ async def run(args: argparse.Namespace) -> dict:
     from ragmix.engine.loader import load_engine
 
     cfg = ServerConfig(passage_cache_bytes=0, generator=args.generator).validate()
+    kernel_s, step_s = _time_kernel_and_steps()
     engine = load_engine(cfg)
     engine.start()
     try:
@@ -55,11 +56,42 @@ async def run(args: argparse.Namespace) -> dict:
     finally:
         engine.shutdown()
     rates = sorted(r["decode_tokens_per_s"] for r in runs if r["decode_tokens_per_s"])
+    kernel_s.sort()
+    step_s.sort()
     return {
+        "mixture_kernel_ms_median": 1e3 * kernel_s[len(kernel_s) // 2] if kernel_s else None,
+        "engine_step_ms_median": 1e3 * step_s[len(step_s) // 2] if step_s else None,
         "decode_tokens_per_s_median": rates[len(rates) // 2] if rates else None,
         "tokens_per_s": sum(len(r["ids"]) for r in runs) / sum(r["total_s"] for r in runs),
         "runs": runs,
     }
+
+
+def _time_kernel_and_steps() -> tuple[list[float], list[float]]:
+    """Wall time of every mixture kernel call and every engine step, as the engine thread sees
+    them (the kernel called right after an onnxruntime pass, not alone)."""
+    from ragmix.engine import core
+
+    kernel_s: list[float] = []
+    step_s: list[float] = []
+    mixture_step = core.kernels.mixture_step
+    step = core.EngineCore.step
+
+    def timed_kernel(*a, **kw):
+        t = time.perf_counter()
+        out = mixture_step(*a, **kw)
+        kernel_s.append(time.perf_counter() - t)
+        return out
+
+    def timed_step(self):
+        t = time.perf_counter()
+        step(self)
+        if self.running:
+            step_s.append(time.perf_counter() - t)
+
+    core.kernels.mixture_step = timed_kernel
+    core.EngineCore.step = timed_step
+    return kernel_s, step_s
 
 
 def main(argv: list[str] | None = None) -> int:

