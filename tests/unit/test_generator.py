@@ -100,7 +100,7 @@ def test_decode_step_over_pasts_of_different_lengths_equals_full_recompute(tiny,
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_chunks_continue_a_past_row_by_row(tiny, family):
+def test_chunks_continue_pasts_of_several_rows_in_one_pass(tiny, family):
     """Several new tokens over pasts of different lengths (chunked prefill, cached passages)."""
     gen, model = tiny[family]
     rows = rows_for(gen)[:2]
@@ -113,6 +113,32 @@ def test_chunks_continue_a_past_row_by_row(tiny, family):
     for r, (head, rest) in enumerate(zip(heads, rests, strict=True)):
         want = torch_logits(model, head + rest)[len(head) :]
         assert rel_err(logits[r, : len(rest)], want) <= RTOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_chunk_graph_equals_groupqueryattention_row_by_row(tiny, family):
+    """Several rows continuing pasts go through the chunk graph in one pass; without it the
+    GroupQueryAttention graph takes them one row at a time: same logits, same KV."""
+    gen, _ = tiny[family]
+    rows = rows_for(gen)
+    _, cache = prefill(gen, [r[:4] for r in rows[:2]] + [rows[2]])
+    ids = right_pad(gen, [rows[0][4:], rows[1][:2], [7, 8, 9]])
+    every = np.tile(np.arange(ids.shape[1]), (3, 1))
+    lengths = np.array([4, 4, 1])
+    one_pass = [c.copy() for c in cache]
+    got = gen.forward(ids, lengths, every, one_pass)
+    chunk, gen.chunk_session = gen.chunk_session, None
+    try:
+        row_by_row = [c.copy() for c in cache]
+        want = gen.forward(ids, lengths, every, row_by_row)
+    finally:
+        gen.chunk_session = chunk
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(one_pass, row_by_row, strict=True):
+        for r, n in enumerate(lengths):
+            np.testing.assert_allclose(
+                a[r, :, : n + ids.shape[1]], b[r, :, : n + ids.shape[1]], atol=1e-5
+            )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

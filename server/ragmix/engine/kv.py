@@ -92,9 +92,8 @@ def run_rows(
 
 
 def _empty(generator: Generator, rows: int, capacity: int) -> list[np.ndarray]:
-    """A pass cache; its slots past each row's length are never read, so they need no zeroing."""
-    shape = (rows, generator.num_kv_heads, capacity, generator.head_dim)
-    return [np.empty(shape, np.float32) for _ in range(2 * generator.num_layers)]
+    """A pass cache, zeroed: the chunk graph reads every slot (masked), so all must be finite."""
+    return generator.new_cache(rows, capacity)
 
 
 def prefill(generator: Generator, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, Batch]:

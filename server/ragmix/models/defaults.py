@@ -17,7 +17,7 @@ from pathlib import Path
 from ragmix import paths
 from ragmix.errors import BundleError
 from ragmix.models import bundle
-from ragmix.models.generator import GRAPH
+from ragmix.models.generator import servable
 
 LOG = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _usable(folder: Path, kind: str, verify: bool) -> bool:
     except BundleError as e:
         LOG.warning("rebuilding %s: %s", folder, e)
         return False
-    if kind == "generator" and manifest.get("graph") != GRAPH:
+    if kind == "generator" and not servable(manifest):
         LOG.warning(
             "rebuilding %s: it holds the %s graph of an older ragmix; this version serves the "
             "fused graph over the GGUF's own 4-bit weights",

@@ -71,8 +71,19 @@ class Weights:
     final_norm_bias: np.ndarray | None = None
 
 
-def io_names(layers: int) -> dict[str, list[str]]:
+ATTENTIONS = ("gqa", "grouped")
+
+
+def io_names(layers: int, attention: str = "gqa") -> dict[str, list[str]]:
+    """Input and output names in graph order: the GroupQueryAttention graph's (past and present
+    share one buffer) or the chunk graph's (grouped attention; the new keys/values as outputs)."""
     past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    if attention == "grouped":
+        new = [f"new.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        return {
+            "inputs": ["input_ids", "past_lengths", "logits_index", *past],
+            "outputs": ["logits", *new],
+        }
     present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     return {
         "inputs": ["input_ids", "seqlens_k", "total_sequence_length", "logits_index", *past],
@@ -112,6 +123,8 @@ class _Graph:
 
 _CONTRIB = {
     "GroupQueryAttention",
+    "RotaryEmbedding",
+    "FusedMatMul",
     "MatMulNBits",
     "SkipSimplifiedLayerNormalization",
     "SkipLayerNormalization",
@@ -121,26 +134,38 @@ _CONTRIB = {
 }
 
 
-def build(spec: DecoderSpec, weights: Weights, precision: str) -> Any:
-    """The fused ONNX model (an onnx.ModelProto) of `weights` at `precision`."""
+def build(spec: DecoderSpec, weights: Weights, precision: str, attention: str = "gqa") -> Any:
+    """The fused ONNX model (an onnx.ModelProto) of `weights` at `precision`.
+
+    attention "gqa": GroupQueryAttention, the KV written in place (decode steps, prompts without a
+    past); "grouped": the chunk graph, for several new tokens over pasts in more than one row,
+    which GroupQueryAttention on CPU refuses (see `_Builder.grouped_attention`).
+    """
     from onnx import TensorProto, helper
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}.")
     if spec.head_dim % 16:
         raise ValueError(
             f"GroupQueryAttention needs head_dim a multiple of 16, this model has {spec.head_dim}."
         )
     g = _Graph()
-    names = io_names(spec.layers)
+    names = io_names(spec.layers, attention)
     b = _Builder(g, spec, precision)
+    if attention == "grouped":
+        b.shared_attention_inputs()
     x = b.embed(weights, "input_ids")
     if weights.pos_embed is not None:
-        x = g.op("Add", [x, b.positions(weights.pos_embed)], "pos_embed")
+        pos = b.pos if attention == "grouped" else b.positions()
+        table = g.init("pos_embed", np.asarray(weights.pos_embed, np.float32))
+        x = g.op("Add", [x, g.op("Gather", [table, pos], "pos")], "pos_embed")
     residual, normed = x, b.norm(x, weights.layers[0], "attn_norm")
     cos, sin = b.rotary_caches() if spec.family != "gpt2" else ("", "")
+    attend = b.grouped_attention if attention == "grouped" else b.attention
     for i, layer in enumerate(weights.layers):
-        attn = b.attention(normed, layer, i, cos, sin)
+        attn = attend(normed, layer, i, cos, sin)
         normed, residual = b.skip_norm(attn, residual, layer, "mlp_norm")
         mlp = b.mlp(normed, layer, i)
         nxt = weights.layers[i + 1] if i + 1 < len(weights.layers) else None
@@ -159,14 +184,24 @@ def build(spec: DecoderSpec, weights: Weights, precision: str) -> Any:
     g.nodes[-1].output[0] = "logits"
 
     kv_shape = ["batch", spec.kv_heads, "capacity", spec.head_dim]
+    new_shape = ["batch", spec.kv_heads, "new", spec.head_dim]
+    if attention == "grouped":
+        control = [helper.make_tensor_value_info("past_lengths", TensorProto.INT64, ["batch"])]
+        out_shape = new_shape
+    else:
+        control = [
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        ]
+        out_shape = kv_shape
+    first_past = 1 + len(control) + 1
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "new"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        *control,
         helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "positions"]),
         *(
             helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape)
-            for n in names["inputs"][4:]
+            for n in names["inputs"][first_past:]
         ),
     ]
     outputs = [
@@ -174,7 +209,7 @@ def build(spec: DecoderSpec, weights: Weights, precision: str) -> Any:
             "logits", TensorProto.FLOAT, ["batch", "positions", spec.vocab]
         ),
         *(
-            helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape)
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, out_shape)
             for n in names["outputs"][1:]
         ),
     ]
@@ -331,8 +366,9 @@ class _Builder:
             self.g.init("sin_cache", np.sin(angles)),
         )
 
-    def positions(self, table: np.ndarray) -> str:
-        """Absolute position embeddings (GPT-2) of each new token: row past + i = seqlens_k + 1 - S + i."""
+    def positions(self) -> str:
+        """Each new token's position (GPT-2's absolute embeddings): row past + i, from seqlens_k
+        (= past + S - 1)."""
         g = self.g
         s = g.op(
             "Gather",
@@ -346,12 +382,143 @@ class _Builder:
             [g.init("zero", np.array(0, np.int64)), s, g.init("one", np.array(1, np.int64))],
             "pos/range",
         )
-        pos = g.op(
+        return g.op(
             "Add",
             [g.op("Unsqueeze", [start, g.init("axes", np.array([1]))], "pos/col"), steps],
             "pos/ids",
         )  # B x S
-        return g.op("Gather", [g.init("pos_embed", np.asarray(table, np.float32)), pos], "pos")
+
+    def shared_attention_inputs(self) -> None:
+        """What every layer's grouped attention shares, computed once per pass from past_lengths:
+
+        pos [B, S]: each new token's position (its row's past + i: the slot it will occupy);
+        bias [B, 1, 1, S, P + S]: 0 where a new token may attend (a past slot < its row's length,
+        or a new token at or before it, within the sliding window if any), -inf elsewhere;
+        the shapes the attention reshapes through.
+        """
+        g, spec = self.g, self.spec
+        one, zero = g.init("one", np.array(1, np.int64)), g.init("zero", np.array(0, np.int64))
+        ids_shape = g.op("Shape", ["input_ids"], "attn/ids_shape")
+        batch = g.op("Gather", [ids_shape, g.init("i0", np.array([0]))], "attn/b")  # [1]
+        new = g.op("Gather", [ids_shape, g.init("i1", np.array([1]))], "attn/s")  # [1]
+        kv_shape = g.op("Shape", ["past_key_values.0.key"], "attn/kv_shape")
+        past = g.op("Gather", [kv_shape, g.init("i2", np.array([2]))], "attn/p")  # [1]
+        s0 = g.op("Squeeze", [new], "attn/s0")
+        p0 = g.op("Squeeze", [past], "attn/p0")
+        lengths = g.op("Unsqueeze", ["past_lengths", g.init("axes", np.array([1]))], "attn/len")
+        steps = g.op("Range", [zero, s0, one], "attn/steps")  # S
+        self.pos = g.op("Add", [lengths, steps], "attn/pos")  # B x S
+        slots = g.op("Range", [zero, p0, one], "attn/slots")  # P
+        bp = g.op("Concat", [batch, past], "attn/bp", axis=0)
+        bs = g.op("Concat", [batch, new], "attn/bs", axis=0)
+        key_pos = g.op(
+            "Concat", [g.op("Expand", [slots, bp], "attn/kp0"), self.pos], "attn/key_pos", axis=1
+        )  # B x (P + S): the position of every key a new token could see
+        real = g.op(
+            "Concat",
+            [
+                g.op("Less", [slots, lengths], "attn/in_past"),
+                g.op("Expand", [g.init("true", np.array([True])), bs], "attn/new_real"),
+            ],
+            "attn/real",
+            axis=1,
+        )  # B x (P + S)
+        q_pos = g.op("Unsqueeze", [self.pos, g.init("axes", np.array([2]))], "attn/qpos")
+        k_pos = g.op("Unsqueeze", [key_pos, g.init("axes", np.array([1]))], "attn/kpos")
+        allowed = g.op(
+            "And",
+            [
+                g.op("LessOrEqual", [k_pos, q_pos], "attn/causal"),
+                g.op("Unsqueeze", [real, g.init("axes", np.array([1]))], "attn/real3"),
+            ],
+            "attn/allowed",
+        )  # B x S x (P + S)
+        if spec.sliding_window:
+            dist = g.op("Sub", [q_pos, k_pos], "attn/dist")
+            window = g.init("window", np.array(spec.sliding_window, np.int64))
+            allowed = g.op(
+                "And", [allowed, g.op("Less", [dist, window], "attn/near")], "attn/windowed"
+            )
+        bias = g.op(
+            "Where",
+            [
+                allowed,
+                g.init("open", np.array(0.0, np.float32)),
+                g.init("shut", np.array(-np.inf, np.float32)),
+            ],
+            "attn/bias3",
+        )
+        self.bias = g.op("Unsqueeze", [bias, g.init("axes", np.array([1, 2]))], "attn/bias")
+        kvh = g.init("kvh", np.array([spec.kv_heads]))
+        grp = g.init("grp", np.array([spec.heads // spec.kv_heads]))
+        total = g.op("Add", [past, new], "attn/t")
+        self.scores5 = g.op("Concat", [batch, kvh, grp, new, total], "attn/sh5", axis=0)
+        gs = g.op("Mul", [grp, new], "attn/gs")
+        self.scores4 = g.op("Concat", [batch, kvh, gs, total], "attn/sh4", axis=0)
+        self.split_past_new = g.op("Concat", [past, new], "attn/split", axis=0)
+
+    def grouped_attention(self, x: str, layer: dict[str, Any], i: int, cos: str, sin: str) -> str:
+        """The new tokens over their rows' past slots and each other, for any rows and any S:
+        batched matmuls over the whole cache, each KV head read once for its group of query
+        heads, masked by `shared_attention_inputs`' bias. The new tokens' keys (rotated) and values
+        are outputs, for the caller to write at slots [length, length + S)."""
+        g, spec = self.g, self.spec
+        h, kvh, hd = spec.heads, spec.kv_heads, spec.head_dim
+        grp = h // kvh
+        qkv = self.linear(x, layer["qkv"], layer.get("qkv_bias"), f"layers.{i}.qkv")
+        q, k, v = g.op(
+            "Split",
+            [qkv, g.init("split", np.array([h * hd, kvh * hd, kvh * hd]))],
+            f"layers.{i}.qkv_split",
+            outputs=3,
+            axis=-1,
+        )
+        if cos:
+            q = g.op("RotaryEmbedding", [q, self.pos, cos, sin], f"layers.{i}.rope_q", num_heads=h)
+            k = g.op(
+                "RotaryEmbedding", [k, self.pos, cos, sin], f"layers.{i}.rope_k", num_heads=kvh
+            )
+        heads_last = g.init("shape", np.array([0, 0, kvh, hd]))
+        for name, t in ((f"new.{i}.key", k), (f"new.{i}.value", v)):  # B x kvh x S x hd
+            g.op("Transpose", [g.op("Reshape", [t, heads_last], f"{name}/heads")], name,
+                 perm=[0, 2, 1, 3])  # fmt: skip
+            g.nodes[-1].output[0] = name
+        k_new, v_new = f"new.{i}.key", f"new.{i}.value"
+        qg = g.op("Reshape", [q, g.init("shape", np.array([0, 0, kvh, grp, hd]))], f"layers.{i}.qg")
+        qg = g.op("Transpose", [qg], f"layers.{i}.qgt", perm=[0, 2, 3, 1, 4])  # B kvh grp S hd
+        qg = g.op("Reshape", [qg, g.init("shape", np.array([0, kvh, -1, hd]))], f"layers.{i}.q4")
+        scale = float(spec.attention_scale[i]) if spec.attention_scale else hd**-0.5
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        scores = g.op(
+            "Concat",
+            [
+                g.op("FusedMatMul", [qg, past_k], f"layers.{i}.qk_past", transB=1, alpha=scale),
+                g.op("FusedMatMul", [qg, k_new], f"layers.{i}.qk_new", transB=1, alpha=scale),
+            ],
+            f"layers.{i}.scores",
+            axis=-1,
+        )  # B x kvh x (grp*S) x (P+S)
+        scores = g.op("Reshape", [scores, self.scores5], f"layers.{i}.scores5")
+        masked = g.op("Add", [scores, self.bias], f"layers.{i}.masked")
+        probs = g.op("Softmax", [masked], f"layers.{i}.softmax", axis=-1)
+        probs = g.op("Reshape", [probs, self.scores4], f"layers.{i}.probs4")
+        p_past, p_new = g.op(
+            "Split", [probs, self.split_past_new], f"layers.{i}.psplit", outputs=2, axis=-1
+        )
+        out = g.op(
+            "Add",
+            [
+                g.op("MatMul", [p_past, past_v], f"layers.{i}.pv_past"),
+                g.op("MatMul", [p_new, v_new], f"layers.{i}.pv_new"),
+            ],
+            f"layers.{i}.pv",
+        )  # B x kvh x (grp*S) x hd
+        out = g.op(
+            "Reshape", [out, g.init("shape", np.array([0, kvh, grp, -1, hd]))], f"layers.{i}.o5"
+        )
+        out = g.op("Transpose", [out], f"layers.{i}.ot", perm=[0, 3, 1, 2, 4])  # B S kvh grp hd
+        out = g.op("Reshape", [out, g.init("shape", np.array([0, 0, h * hd]))], f"layers.{i}.o3")
+        return self.linear(out, layer["o"], layer.get("o_bias"), f"layers.{i}.o")
 
     def attention(self, x: str, layer: dict[str, Any], i: int, cos: str, sin: str) -> str:
         g, spec = self.g, self.spec

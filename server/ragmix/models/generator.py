@@ -27,6 +27,12 @@ KIND = "generator"
 GRAPH = "fused"  # the graph kind this runtime drives (fused_graph.py's contract)
 
 
+def servable(manifest: dict[str, Any]) -> bool:
+    """Whether this runtime serves the bundle: the fused graph and its chunk twin (older exports
+    are rebuilt, the defaults, or refused with the command that rebuilds them)."""
+    return manifest.get("graph") == GRAPH and "chunk_graph" in manifest
+
+
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
     available = ort.get_available_providers()
@@ -38,7 +44,11 @@ class Generator:
     """A loaded generator bundle: tokenizer, prompt template, KV layout and the ONNX session."""
 
     def __init__(
-        self, folder: Path, manifest: dict[str, Any], session: ort.InferenceSession
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        session: ort.InferenceSession,
+        chunk_session: ort.InferenceSession | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
@@ -58,6 +68,11 @@ class Generator:
         self.session = session
         self.input_names: list[str] = list(manifest["io"]["inputs"])
         self.output_names: list[str] = list(manifest["io"]["outputs"])
+        # The chunk graph: several new tokens over pasts in more than one row, in one pass.
+        self.chunk_session = chunk_session
+        chunk_io = manifest.get("chunk_graph", {}).get("io", {})
+        self.chunk_input_names: list[str] = list(chunk_io.get("inputs", []))
+        self.chunk_output_names: list[str] = list(chunk_io.get("outputs", []))
         graph_inputs = [i.name for i in session.get_inputs()]
         if graph_inputs != self.input_names:
             raise BundleError(
@@ -79,7 +94,7 @@ class Generator:
         for key in ("name", "fingerprint", "tokenizer", "prompt_template", "kv", "io", "files"):
             if key not in manifest:
                 raise BundleError(f"{folder}/manifest.json lacks {key!r}. Rebuild the bundle.")
-        if manifest.get("graph") != GRAPH:
+        if not servable(manifest):
             raise BundleError(
                 f"{folder} holds a {manifest.get('graph', 'traced')} graph from an older ragmix; "
                 "this version serves the fused graph (GroupQueryAttention over a slot cache). "
@@ -103,10 +118,21 @@ class Generator:
             )
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise BundleError(f"{folder}/model.onnx cannot be loaded by onnxruntime: {e}") from e
+        chunk = None
+        if "chunk_graph" in manifest:
+            try:
+                chunk = ort.InferenceSession(
+                    str(folder / manifest["chunk_graph"]["file"]), sess_options=options,
+                    providers=chosen,
+                )  # fmt: skip
+            except Exception as e:
+                raise BundleError(
+                    f"{folder}/{manifest['chunk_graph']['file']} cannot be loaded by onnxruntime: {e}"
+                ) from e
         LOG.info(
             "loaded generator %s from %s on %s", manifest["name"], folder, session.get_providers()
         )
-        return cls(folder, manifest, session)
+        return cls(folder, manifest, session, chunk)
 
     @property
     def providers(self) -> list[str]:
@@ -143,13 +169,17 @@ class Generator:
         garbage until the row's next token overwrites it.
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        lengths = np.asarray(lengths, dtype=np.int64)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
         self._check(input_ids, lengths, logits_index, cache)
         batch, new = input_ids.shape
         logits = np.empty((batch, logits_index.shape[1], self.vocab_size), np.float32)
         if new > 1 and batch > 1 and lengths.any():
-            # GroupQueryAttention runs several new tokens over a past one row at a time.
+            # GroupQueryAttention on CPU refuses several new tokens over a past for more than one
+            # row: the chunk graph batches them (or, without one, one row at a time).
+            if self.chunk_session is not None:
+                self._run_chunk(input_ids, lengths, logits_index, cache, logits)
+                return logits
             for b in range(batch):
                 self._run(
                     input_ids[b : b + 1],
@@ -161,6 +191,26 @@ class Generator:
         else:
             self._run(input_ids, lengths, logits_index, cache, logits)
         return logits
+
+    def _run_chunk(self, input_ids, lengths, logits_index, cache, logits) -> None:
+        """The chunk graph: it reads each row's past where it lies and returns the new tokens'
+        keys and values, written here at slots [length, length + new) of each row."""
+        batch, new = input_ids.shape
+        shape = (batch, self.num_kv_heads, new, self.head_dim)
+        fresh = [np.empty(shape, np.float32) for _ in cache]
+        binding = self.chunk_session.io_binding()
+        names = self.chunk_input_names
+        for name, array in zip(names[:3], (input_ids, lengths, logits_index), strict=True):
+            binding.bind_cpu_input(name, array)
+        for name, array in zip(names[3:], cache, strict=True):
+            binding.bind_input(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+        for name, array in zip(self.chunk_output_names, (logits, *fresh), strict=True):
+            binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+        self.chunk_session.run_with_iobinding(binding)
+        rows = np.repeat(np.arange(batch), new)  # batch*new
+        slots = (lengths[:, None] + np.arange(new)[None, :]).reshape(-1)  # batch*new
+        for buf, part in zip(cache, fresh, strict=True):  # one vectorised write per tensor
+            buf[rows, :, slots] = part.transpose(0, 2, 1, 3).reshape(batch * new, *shape[1::2])
 
     def _run(self, input_ids, lengths, logits_index, cache, logits) -> None:
         """One session run with every input and output bound to caller memory (no copies):

@@ -27,6 +27,7 @@ LOG = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "qwen2", "mistral")
 ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"
+CHUNK_FILE = "chunk.onnx"  # the fused graph's twin for chunks that continue pasts in several rows
 TOKENIZER_FILE = "tokenizer.json"
 
 PASSAGE_MARKER = "RAGMIXPASSAGEMARKER"
@@ -188,15 +189,17 @@ def _export_fused(
             "GGUF file, or add --quantize int4 (lossy)."
         )
     started = time.perf_counter()
-    proto = fused_graph.build(spec, weights, precision)
-    _save(proto, tmp / ONNX_FILE)
-    LOG.info(
-        "built the fused %s graph (%d nodes) in %.1f s",
-        precision,
-        len(proto.graph.node),
-        time.perf_counter() - started,
-    )
-    del proto
+    for attention, file in (("gqa", ONNX_FILE), ("grouped", CHUNK_FILE)):
+        proto = fused_graph.build(spec, weights, precision, attention)
+        _save(proto, tmp / file)
+        LOG.info(
+            "built the fused %s graph, %s attention (%d nodes) in %.1f s",
+            precision,
+            attention,
+            len(proto.graph.node),
+            time.perf_counter() - started,
+        )
+        del proto
     names = fused_graph.io_names(spec.layers)
     manifest.update(
         graph="fused",
@@ -211,6 +214,7 @@ def _export_fused(
             "layout": "slots",
         },
         io=names,
+        chunk_graph={"file": CHUNK_FILE, "io": fused_graph.io_names(spec.layers, "grouped")},
     )
     # q4 computes the blocks exactly (fp32 accumulation): as tight as fp32 (after --quantize the
     # reference holds the quantized values). Int8 activations (q4-a8) move logits by percents:
@@ -275,22 +279,29 @@ def _save(proto: Any, path: Path) -> None:
 def _check_fused(
     path: Path, wrapper: Any, spec: Any, manifest: dict[str, Any], tolerance: float
 ) -> None:
-    """Refuse a bundle whose fused graph disagrees with PyTorch: a prompt batch with padding, a
-    decode batch over pasts of different lengths, and one row continuing a past by a chunk."""
+    """Refuse a bundle whose fused graphs disagree with PyTorch: a prompt batch with padding, a
+    decode batch over pasts of different lengths, one row continuing a past by a chunk
+    (GroupQueryAttention) and two rows doing so (the chunk graph)."""
     import onnxruntime as ort
     import torch
 
     from ragmix.models.generator import Generator
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    chunk = manifest["chunk_graph"]
     runner = Generator.__new__(Generator)  # the runtime's own forward, without a tokenizer
     runner.session, runner.input_names = session, manifest["io"]["inputs"]
     runner.output_names = manifest["io"]["outputs"]
+    runner.chunk_session = ort.InferenceSession(
+        str(path.parent / chunk["file"]), providers=["CPUExecutionProvider"]
+    )
+    runner.chunk_input_names = chunk["io"]["inputs"]
+    runner.chunk_output_names = chunk["io"]["outputs"]
     runner.num_layers, runner.num_kv_heads = spec.layers, spec.kv_heads
     runner.head_dim, runner.vocab_size = spec.head_dim, spec.vocab
     runner.max_positions = spec.max_positions
     gen = torch.Generator().manual_seed(0)
-    cases = [([0, 0], [4, 2]), ([3, 1], [1, 1]), ([5], [3])]
+    cases = [([0, 0], [4, 2]), ([3, 1], [1, 1]), ([5], [3]), ([5, 2], [3, 2])]
     for lengths, counts in cases:
         b, s = len(lengths), max(counts)
         ids = torch.randint(0, spec.vocab, (b, s), generator=gen)
