@@ -61,6 +61,12 @@ def timed(fn, iters: int) -> list[float]:
     return out
 
 
+def node_count(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def session_options():
     import onnxruntime as ort
 
@@ -95,11 +101,7 @@ class RagmixFused:
         )
 
     def nodes(self) -> int:
-        import onnx
-
-        return len(
-            onnx.load(str(self.gen.folder / "model.onnx"), load_external_data=False).graph.node
-        )
+        return node_count(self.gen.folder / "model.onnx")
 
 
 class OnnxFeeds:
@@ -150,9 +152,7 @@ class OnnxFeeds:
         self._step_feeds = {r: self.feeds(tokens[:r, None], PAST) for r in ROWS}
 
     def nodes(self) -> int:
-        import onnx
-
-        return len(onnx.load(str(self.path), load_external_data=False).graph.node)
+        return node_count(self.path)
 
 
 class LlamaCpp:
@@ -311,7 +311,7 @@ def load_system(name: str, path: Path) -> Any:
 
 
 def measure(system: Any, ids: np.ndarray, rounds: int, iters: int) -> dict[str, float]:
-    tokens = ids[:, -1].copy() if ids.shape[0] >= max(ROWS) else np.resize(ids[:, -1], max(ROWS))
+    tokens = ids[:, -1].copy()  # max(ROWS) rows: each row's next token
     res: dict[str, float] = {}
     res["prefill_5x300_ms"] = 1e3 * median(
         [t for _ in range(rounds) for t in timed(lambda: system.prefill(ids[:5]), 1)]

@@ -117,8 +117,8 @@ def test_chunks_continue_pasts_of_several_rows_in_one_pass(tiny, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_chunk_graph_equals_groupqueryattention_row_by_row(tiny, family):
-    """Several rows continuing pasts go through the chunk graph in one pass; without it the
-    GroupQueryAttention graph takes them one row at a time: same logits, same KV."""
+    """Several rows continuing pasts go through the chunk graph in one pass; each row alone (batch
+    1) goes through the GroupQueryAttention graph: same logits, same KV."""
     gen, _ = tiny[family]
     rows = rows_for(gen)
     _, cache = prefill(gen, [r[:4] for r in rows[:2]] + [rows[2]])
@@ -127,18 +127,19 @@ def test_the_chunk_graph_equals_groupqueryattention_row_by_row(tiny, family):
     lengths = np.array([4, 4, 1])
     one_pass = [c.copy() for c in cache]
     got = gen.forward(ids, lengths, every, one_pass)
-    chunk, gen.chunk_session = gen.chunk_session, None
-    try:
-        row_by_row = [c.copy() for c in cache]
-        want = gen.forward(ids, lengths, every, row_by_row)
-    finally:
-        gen.chunk_session = chunk
+    row_by_row = [c.copy() for c in cache]
+    want = np.concatenate(
+        [
+            gen.forward(ids[r : r + 1], lengths[r : r + 1], every[r : r + 1],
+                        [c[r : r + 1] for c in row_by_row])
+            for r in range(3)
+        ]
+    )  # fmt: skip
     assert rel_err(got, want) <= 1e-5
+    end = lengths + ids.shape[1]
     for a, b in zip(one_pass, row_by_row, strict=True):
-        for r, n in enumerate(lengths):
-            np.testing.assert_allclose(
-                a[r, :, : n + ids.shape[1]], b[r, :, : n + ids.shape[1]], atol=1e-5
-            )
+        for r in range(3):
+            np.testing.assert_allclose(a[r, :, : end[r]], b[r, :, : end[r]], atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -189,12 +190,17 @@ def test_edited_model_file_fails_load_naming_the_file(tiny, tmp_path):
         Generator.load(copy)
 
 
-def test_bundle_of_another_kind_is_refused(tiny, tmp_path):
-    gen, _ = tiny["llama"]
+def edited_copy(gen: Generator, tmp_path: Path, **fields: object) -> Path:
+    """A copy of the bundle whose manifest has `fields` replaced."""
     copy = shutil.copytree(gen.folder, tmp_path / "copy")
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["kind"] = "encoder"
+    manifest.update(fields)
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_bundle_of_another_kind_is_refused(tiny, tmp_path):
+    copy = edited_copy(tiny["llama"][0], tmp_path, kind="encoder")
     with pytest.raises(BundleError, match="expected 'generator'"):
         Generator.load(copy)
 
@@ -249,11 +255,7 @@ def test_forward_rejects_what_would_write_outside_the_cache(tiny):
 
 
 def test_a_bundle_of_the_traced_graph_is_refused_with_the_rebuild_command(tiny, tmp_path):
-    gen, _ = tiny["llama"]
-    copy = shutil.copytree(gen.folder, tmp_path / "copy")
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["graph"] = "traced"
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = edited_copy(tiny["llama"][0], tmp_path, graph="traced")
     with pytest.raises(BundleError, match="export-default --overwrite"):
         Generator.load(copy)
 
@@ -294,12 +296,8 @@ def test_a_default_bundle_of_an_older_graph_is_rebuilt_with_a_log_line(tiny, tmp
 
     from ragmix.models import defaults
 
-    gen, _ = tiny["llama"]
-    copy = shutil.copytree(gen.folder, tmp_path / "copy")
-    assert defaults._usable(copy, "generator", verify=True)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["graph"] = "traced"
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert defaults._usable(tiny["llama"][0].folder, "generator", verify=True)
+    copy = edited_copy(tiny["llama"][0], tmp_path, graph="traced")
     with caplog.at_level(logging.WARNING, logger="ragmix.models.defaults"):
         assert not defaults._usable(copy, "generator", verify=False)
     assert "traced graph of an older ragmix" in caplog.text

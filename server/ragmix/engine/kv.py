@@ -5,7 +5,9 @@ holds `lengths[i]` slots, from slot 0 on, with nothing in between (the layout Gr
 reads: per-row sequence lengths, right padding). A pass over rows of new tokens writes their keys
 and values in place at slots [length, length + new) of each row (the generator binds the buffers
 as both past and present), so a decode step copies nothing; a row joining, leaving or taking a
-cached prefix copies that row's slots at most. Capacity grows in chunks (GROW at least).
+cached prefix copies that row's slots at most. Slots no row holds are zeros (the chunk graph reads
+the whole capacity, masked, so every slot must be finite). Capacity grows in chunks (GROW at
+least).
 
 The engine core keeps its decode rows in a RunningBatch (rows.py) of this layout; the prefill
 pass (`run_rows`), the standalone beam search and scoring use the helpers here.
@@ -76,7 +78,7 @@ def run_rows(
     """
     n, s = len(tokens), max(len(t) for t in tokens)
     plen = [pieces_len(x) for x in prefixes]
-    cache = _empty(generator, n, max(plen) + s)
+    cache = generator.new_cache(n, max(plen) + s)
     for i, prefix in enumerate(prefixes):
         write_pieces(cache, i, 0, prefix)
     ids = np.full((n, s), generator.pad_token_id, np.int64)  # rows x S
@@ -91,16 +93,11 @@ def run_rows(
     return Pass(logits, cache, plen, [len(t) for t in tokens])
 
 
-def _empty(generator: Generator, rows: int, capacity: int) -> list[np.ndarray]:
-    """A pass cache, zeroed: the chunk graph reads every slot (masked), so all must be finite."""
-    return generator.new_cache(rows, capacity)
-
-
 def prefill(generator: Generator, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, Batch]:
     """Run whole prompts in one pass: their next-token logits (rows x V) and their KV as a batch
     with GROW spare slots (the new tokens of row i are its first len(prompts[i]) slots)."""
     lengths = np.array([len(p) for p in prompts], np.int64)
-    cache = _empty(generator, len(prompts), int(lengths.max()) + GROW)
+    cache = generator.new_cache(len(prompts), int(lengths.max()) + GROW)
     ids = np.full((len(prompts), int(lengths.max())), generator.pad_token_id, np.int64)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p

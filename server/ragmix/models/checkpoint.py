@@ -110,19 +110,34 @@ def from_state_dict(spec: DecoderSpec, state: dict[str, np.ndarray], tied: bool)
     return Weights(state[p + "embed_tokens.weight"], state[p + "norm.weight"], layers, head)
 
 
+# GPT-2's per-layer weights: logical name -> (transformers name, stored [in, out] as Conv1D does).
+GPT2_LAYER = {
+    "attn_norm": ("ln_1.weight", False),
+    "attn_norm_bias": ("ln_1.bias", False),
+    "qkv": ("attn.c_attn.weight", True),
+    "qkv_bias": ("attn.c_attn.bias", False),
+    "o": ("attn.c_proj.weight", True),
+    "o_bias": ("attn.c_proj.bias", False),
+    "mlp_norm": ("ln_2.weight", False),
+    "mlp_norm_bias": ("ln_2.bias", False),
+    "fc": ("mlp.c_fc.weight", True),
+    "fc_bias": ("mlp.c_fc.bias", False),
+    "down": ("mlp.c_proj.weight", True),
+    "down_bias": ("mlp.c_proj.bias", False),
+}
+LINEAR = ("qkv", "o", "gate_up", "fc", "down")  # the per-layer weights that are matmuls
+
+
 def to_state_dict(spec: DecoderSpec, weights: Weights, heads: tuple[int, int]) -> dict:
     """The weights' fp32 values under transformers' names (blocks dequantized): a reference model
     loaded with them computes what the fused graph should. heads: (q rows, k rows) of qkv."""
     state: dict[str, np.ndarray] = {}
     if spec.family == "gpt2":
-        p = "transformer."
         for i, layer in enumerate(weights.layers):
-            a = f"{p}h.{i}."
-            state[a + "attn.c_attn.weight"] = quant.dense(layer["qkv"]).T
-            state[a + "attn.c_proj.weight"] = quant.dense(layer["o"]).T
-            state[a + "mlp.c_fc.weight"] = quant.dense(layer["fc"]).T
-            state[a + "mlp.c_proj.weight"] = quant.dense(layer["down"]).T
-        state[p + "wte.weight"] = quant.dense(weights.embed)
+            for key in (k for k in LINEAR if k in layer):
+                name, _ = GPT2_LAYER[key]
+                state[f"transformer.h.{i}.{name}"] = quant.dense(layer[key]).T
+        state["transformer.wte.weight"] = quant.dense(weights.embed)
         return state
     q_rows, k_rows = heads
     for i, layer in enumerate(weights.layers):
@@ -145,23 +160,11 @@ def _gpt2(spec: DecoderSpec, state: dict[str, np.ndarray]) -> Weights:
     p = "transformer."
     layers = []
     for i in range(spec.layers):
-        a = f"{p}h.{i}."
-        layers.append(
-            {
-                "attn_norm": state[a + "ln_1.weight"],
-                "attn_norm_bias": state[a + "ln_1.bias"],
-                "qkv": state[a + "attn.c_attn.weight"].T,
-                "qkv_bias": state[a + "attn.c_attn.bias"],
-                "o": state[a + "attn.c_proj.weight"].T,
-                "o_bias": state[a + "attn.c_proj.bias"],
-                "mlp_norm": state[a + "ln_2.weight"],
-                "mlp_norm_bias": state[a + "ln_2.bias"],
-                "fc": state[a + "mlp.c_fc.weight"].T,
-                "fc_bias": state[a + "mlp.c_fc.bias"],
-                "down": state[a + "mlp.c_proj.weight"].T,
-                "down_bias": state[a + "mlp.c_proj.bias"],
-            }
-        )
+        layer = {}
+        for key, (name, transposed) in GPT2_LAYER.items():
+            value = state[f"{p}h.{i}.{name}"]
+            layer[key] = value.T if transposed else value
+        layers.append(layer)
     return Weights(
         state[p + "wte.weight"],
         state[p + "ln_f.weight"],
@@ -187,7 +190,7 @@ def from_gguf(spec: DecoderSpec, path: Path) -> Weights:
             raise BundleError(f"{path} lacks tensor {name!r}.")
         w = _read(tensors[name], gguf)
         if permute_heads is not None:
-            w = _rows(w, _unpermute_rows(w_shape(w)[0], permute_heads))
+            w = _rows(w, _unpermute_rows(w.shape[0], permute_heads))
         return w
 
     layers = []
@@ -214,10 +217,6 @@ def from_gguf(spec: DecoderSpec, path: Path) -> Weights:
     head = get("output.weight") if "output.weight" in tensors else None
     final = quant.dense(get("output_norm.weight")).reshape(-1)
     return Weights(get("token_embd.weight"), final, layers, head)
-
-
-def w_shape(w: quant.Weight) -> tuple[int, ...]:
-    return w.shape
 
 
 def _read(tensor: Any, gguf: Any) -> quant.Weight:

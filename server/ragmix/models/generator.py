@@ -33,6 +33,18 @@ def servable(manifest: dict[str, Any]) -> bool:
     return manifest.get("graph") == GRAPH and "chunk_graph" in manifest
 
 
+def _open(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        raise BundleError(f"{path} cannot be loaded by onnxruntime: {e}") from e
+
+
+def _bind(bind: Any, name: str, array: np.ndarray) -> None:
+    """Bind a float32 array's own memory as an input or output (`bind`: the binding's method)."""
+    bind(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+
+
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
     available = ort.get_available_providers()
@@ -48,7 +60,7 @@ class Generator:
         folder: Path,
         manifest: dict[str, Any],
         session: ort.InferenceSession,
-        chunk_session: ort.InferenceSession | None = None,
+        chunk_session: ort.InferenceSession,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
@@ -70,9 +82,8 @@ class Generator:
         self.output_names: list[str] = list(manifest["io"]["outputs"])
         # The chunk graph: several new tokens over pasts in more than one row, in one pass.
         self.chunk_session = chunk_session
-        chunk_io = manifest.get("chunk_graph", {}).get("io", {})
-        self.chunk_input_names: list[str] = list(chunk_io.get("inputs", []))
-        self.chunk_output_names: list[str] = list(chunk_io.get("outputs", []))
+        self.chunk_input_names: list[str] = list(manifest["chunk_graph"]["io"]["inputs"])
+        self.chunk_output_names: list[str] = list(manifest["chunk_graph"]["io"]["outputs"])
         graph_inputs = [i.name for i in session.get_inputs()]
         if graph_inputs != self.input_names:
             raise BundleError(
@@ -112,23 +123,8 @@ class Generator:
                 raise ValueError(f"threads must be >= 1, got {threads}.")
             options.intra_op_num_threads = threads
         chosen = providers or default_providers()
-        try:
-            session = ort.InferenceSession(
-                str(folder / "model.onnx"), sess_options=options, providers=chosen
-            )
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise BundleError(f"{folder}/model.onnx cannot be loaded by onnxruntime: {e}") from e
-        chunk = None
-        if "chunk_graph" in manifest:
-            try:
-                chunk = ort.InferenceSession(
-                    str(folder / manifest["chunk_graph"]["file"]), sess_options=options,
-                    providers=chosen,
-                )  # fmt: skip
-            except Exception as e:
-                raise BundleError(
-                    f"{folder}/{manifest['chunk_graph']['file']} cannot be loaded by onnxruntime: {e}"
-                ) from e
+        session = _open(folder / "model.onnx", options, chosen)
+        chunk = _open(folder / manifest["chunk_graph"]["file"], options, chosen)
         LOG.info(
             "loaded generator %s from %s on %s", manifest["name"], folder, session.get_providers()
         )
@@ -164,9 +160,10 @@ class Generator:
         the slots each row already holds in `cache` (its KV is the prefix [0, length) of its row);
         logits_index: batch x W, indices into the new tokens; cache: 2 * layers C-contiguous
         float32 buffers [batch, kv_heads, capacity, head_dim] (slices of a bigger buffer's rows
-        are fine). The keys and values of the new tokens are written in place at slots
+        are fine) whose unused slots hold finite values (zeros: the chunk graph reads the whole
+        capacity, masked). The keys and values of the new tokens are written in place at slots
         [length, length + new) of each row, nothing else is touched: a padding token's slot holds
-        garbage until the row's next token overwrites it.
+        a stand-in until the row's next token overwrites it.
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
@@ -176,18 +173,8 @@ class Generator:
         logits = np.empty((batch, logits_index.shape[1], self.vocab_size), np.float32)
         if new > 1 and batch > 1 and lengths.any():
             # GroupQueryAttention on CPU refuses several new tokens over a past for more than one
-            # row: the chunk graph batches them (or, without one, one row at a time).
-            if self.chunk_session is not None:
-                self._run_chunk(input_ids, lengths, logits_index, cache, logits)
-                return logits
-            for b in range(batch):
-                self._run(
-                    input_ids[b : b + 1],
-                    lengths[b : b + 1],
-                    logits_index[b : b + 1],
-                    [a[b : b + 1] for a in cache],
-                    logits[b : b + 1],
-                )
+            # row: the chunk graph batches them.
+            self._run_chunk(input_ids, lengths, logits_index, cache, logits)
         else:
             self._run(input_ids, lengths, logits_index, cache, logits)
         return logits
@@ -203,9 +190,9 @@ class Generator:
         for name, array in zip(names[:3], (input_ids, lengths, logits_index), strict=True):
             binding.bind_cpu_input(name, array)
         for name, array in zip(names[3:], cache, strict=True):
-            binding.bind_input(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+            _bind(binding.bind_input, name, array)
         for name, array in zip(self.chunk_output_names, (logits, *fresh), strict=True):
-            binding.bind_output(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+            _bind(binding.bind_output, name, array)
         self.chunk_session.run_with_iobinding(binding)
         rows = np.repeat(np.arange(batch), new)  # batch*new
         slots = (lengths[:, None] + np.arange(new)[None, :]).reshape(-1)  # batch*new
@@ -226,11 +213,9 @@ class Generator:
         for past, present, array in zip(
             self.input_names[4:], self.output_names[1:], cache, strict=True
         ):
-            binding.bind_input(past, "cpu", 0, np.float32, array.shape, array.ctypes.data)
-            binding.bind_output(present, "cpu", 0, np.float32, array.shape, array.ctypes.data)
-        binding.bind_output(
-            self.output_names[0], "cpu", 0, np.float32, logits.shape, logits.ctypes.data
-        )
+            _bind(binding.bind_input, past, array)
+            _bind(binding.bind_output, present, array)
+        _bind(binding.bind_output, self.output_names[0], logits)
         self.session.run_with_iobinding(binding)
 
     def _check(self, input_ids, lengths, logits_index, cache) -> None:

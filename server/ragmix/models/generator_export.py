@@ -26,7 +26,6 @@ LOG = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "qwen2", "mistral")
 ONNX_FILE = "model.onnx"
-ONNX_DATA_FILE = "model.onnx.data"
 CHUNK_FILE = "chunk.onnx"  # the fused graph's twin for chunks that continue pasts in several rows
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -140,9 +139,12 @@ def export_generator(
         "opset": opset,
     }
     with bundle.atomic_dir(out, overwrite=overwrite) as tmp:
+        tolerance = None
         if graph == "fused":
             weights_from = (src / gguf_file) if gguf_file else None
-            _export_fused(wrapper, model, config, weights_from, tmp, manifest, precision, quantize)
+            tolerance = _export_fused(
+                model, config, weights_from, tmp, manifest, precision, quantize
+            )
         else:
             _export_traced(wrapper, config, tokenizer, tmp, manifest, opset)
         tokenizer.backend_tokenizer.save(str(tmp / TOKENIZER_FILE))
@@ -151,12 +153,13 @@ def export_generator(
         manifest["files"] = entries
         manifest["fingerprint"] = bundle.fingerprint(entries)
         bundle.write_manifest(tmp, manifest)
+        if tolerance is not None:
+            _check_fused(tmp, wrapper, tolerance)
     LOG.info("exported %s to %s in %.1f s", src, out, time.perf_counter() - started)
     return Path(out)
 
 
 def _export_fused(
-    wrapper: Any,
     model: Any,
     config: Any,
     gguf_path: Path | None,
@@ -164,8 +167,10 @@ def _export_fused(
     manifest: dict[str, Any],
     precision: str | None,
     quantize: str | None,
-) -> None:
-    """Build the fused graph from the checkpoint's own weights and check it against PyTorch."""
+) -> float:
+    """Build the fused graph and its chunk twin from the checkpoint's own weights; returns the
+    relative error the check against PyTorch allows them (`_check_fused`, once the bundle is
+    complete)."""
     from ragmix.models import checkpoint, fused_graph
 
     spec = checkpoint.spec_from_config(config)
@@ -219,17 +224,17 @@ def _export_fused(
     # q4 computes the blocks exactly (fp32 accumulation): as tight as fp32 (after --quantize the
     # reference holds the quantized values). Int8 activations (q4-a8) move logits by percents:
     # the check then only catches a wrong layout, which moves them by 100 %.
-    tolerance = 1e-3 if precision != "q4-a8" else 0.35
-    _check_fused(tmp / ONNX_FILE, wrapper, spec, manifest, tolerance)
+    return 1e-3 if precision != "q4-a8" else 0.35
 
 
 def _quantize_int4(weights: Any) -> Any:
     """Q4_1 blocks for every linear weight (an untied LM head too) and Q8_0 for the embedding,
     the layout of llama.cpp's Q4_1 files (round to nearest: lossy)."""
     from ragmix.models import quant
+    from ragmix.models.checkpoint import LINEAR
 
     for layer in weights.layers:
-        for key in ("qkv", "o", "gate_up", "fc", "down"):
+        for key in LINEAR:
             if key in layer:
                 layer[key] = quant.quantize_q4_1(quant.dense(layer[key]))
     weights.embed = quant.quantize_q8_0(quant.dense(weights.embed))
@@ -259,56 +264,49 @@ def _has_blocks(weights: Any) -> bool:
 
 
 def _save(proto: Any, path: Path) -> None:
-    """One model.onnx, its weights in model.onnx.data when they pass protobuf's 2 GB."""
-    import onnx
-
+    """One .onnx file, its weights beside it in <name>.data when they pass protobuf's 2 GB."""
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
     if size < 1_800_000_000:
+        import onnx
+
         onnx.save_model(proto, str(path))
         return
+    _save_external(proto, path)
+
+
+def _save_external(proto: Any, path: Path) -> None:
+    """The model at `path` with all its weights in one file `path.name + ".data"` (a bundle lists
+    and checksums its files; two graphs in one folder get a data file each)."""
+    import onnx
+
     onnx.save_model(
         proto,
         str(path),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
-        location=ONNX_DATA_FILE,
+        location=f"{path.name}.data",
         size_threshold=1024,
     )
 
 
-def _check_fused(
-    path: Path, wrapper: Any, spec: Any, manifest: dict[str, Any], tolerance: float
-) -> None:
-    """Refuse a bundle whose fused graphs disagree with PyTorch: a prompt batch with padding, a
-    decode batch over pasts of different lengths, one row continuing a past by a chunk
-    (GroupQueryAttention) and two rows doing so (the chunk graph)."""
-    import onnxruntime as ort
+def _check_fused(folder: Path, wrapper: Any, tolerance: float) -> None:
+    """Refuse a bundle whose fused graphs disagree with PyTorch, run through the runtime itself:
+    a prompt batch with padding, a decode batch over pasts of different lengths, one row
+    continuing a past by a chunk (GroupQueryAttention) and two rows doing so (the chunk graph)."""
     import torch
 
     from ragmix.models.generator import Generator
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    chunk = manifest["chunk_graph"]
-    runner = Generator.__new__(Generator)  # the runtime's own forward, without a tokenizer
-    runner.session, runner.input_names = session, manifest["io"]["inputs"]
-    runner.output_names = manifest["io"]["outputs"]
-    runner.chunk_session = ort.InferenceSession(
-        str(path.parent / chunk["file"]), providers=["CPUExecutionProvider"]
-    )
-    runner.chunk_input_names = chunk["io"]["inputs"]
-    runner.chunk_output_names = chunk["io"]["outputs"]
-    runner.num_layers, runner.num_kv_heads = spec.layers, spec.kv_heads
-    runner.head_dim, runner.vocab_size = spec.head_dim, spec.vocab
-    runner.max_positions = spec.max_positions
+    runner = Generator.load(folder, providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(0)
     cases = [([0, 0], [4, 2]), ([3, 1], [1, 1]), ([5], [3]), ([5, 2], [3, 2])]
     for lengths, counts in cases:
         b, s = len(lengths), max(counts)
-        ids = torch.randint(0, spec.vocab, (b, s), generator=gen)
+        ids = torch.randint(0, runner.vocab_size, (b, s), generator=gen)
         cap = max(lengths) + s
         past = [
-            torch.randn(b, spec.kv_heads, cap, spec.head_dim, generator=gen)
-            for _ in range(2 * spec.layers)
+            torch.randn(b, runner.num_kv_heads, cap, runner.head_dim, generator=gen)
+            for _ in range(2 * runner.num_layers)
         ]
         index = torch.tensor([[n - 1, 0] for n in counts])  # b x 2
         cache = [p.numpy().copy() for p in past]
@@ -507,14 +505,7 @@ def _consolidate_external_data(path: Path) -> None:
     model = onnx.load(str(path), load_external_data=True)
     for p in extra:
         p.unlink()
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=ONNX_DATA_FILE,
-        size_threshold=1024,
-    )
+    _save_external(model, path)
 
 
 def _check_onnx(
