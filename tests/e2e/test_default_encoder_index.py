@@ -16,6 +16,7 @@ import pytest
 from ragmix import paths
 from ragmix.index import IndexBundle, default_corpus
 from ragmix.index.bundle import ensure_default_index
+from ragmix.models import bundle
 from ragmix.models.encoder import Encoder
 from ragmix.models.encoder_export import export_encoder, find_default_encoder_source
 
@@ -38,7 +39,7 @@ def cache() -> Path:
 @pytest.fixture(scope="module")
 def encoder(cache: Path) -> Encoder:
     folder = paths.default_encoder_dir(cache)
-    if not (folder / "manifest.json").is_file():
+    if not bundle.exists(folder):
         started = time.perf_counter()
         export_encoder(find_default_encoder_source(), folder)
         LOG.warning("exported the default encoder in %.1f s", time.perf_counter() - started)

@@ -11,7 +11,7 @@ import pytest
 from tiny_encoder import TRAINING_TEXT, build_tiny_bert
 
 from ragmix.errors import BundleError
-from ragmix.models import encoder_export
+from ragmix.models import bundle, encoder_export
 from ragmix.models.encoder import Encoder
 from ragmix.models.encoder_export import export_encoder, find_default_encoder_source
 
@@ -38,12 +38,12 @@ def tiny(tiny_encoder_dir: Path) -> Path:
     return tiny_encoder_dir
 
 
-def torch_embeddings(hf_folder: Path, bundle: Path, texts: list[str], pooling: str) -> np.ndarray:
+def torch_embeddings(hf_folder: Path, out: Path, texts: list[str], pooling: str) -> np.ndarray:
     """sentence-transformers' recipe in PyTorch: one padded batch, pool, L2-normalise."""
     from tokenizers import Tokenizer
 
     model = transformers.AutoModel.from_pretrained(hf_folder).eval()
-    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(bundle.resolve(out, "encoder") / "tokenizer.json"))
     enc = tokenizer.encode_batch(texts)
     ids = torch.tensor([e.ids for e in enc])  # batch x seq
     mask = torch.tensor([e.attention_mask for e in enc])  # batch x seq
@@ -87,10 +87,10 @@ def test_empty_input_gives_zero_rows(tiny: Path) -> None:
 
 
 def test_bundle_tokenizer_truncates_at_max_length_and_pads_to_longest(tiny: Path) -> None:
-    manifest = json.loads((tiny / "manifest.json").read_text())
+    manifest = json.loads((bundle.resolve(tiny, "encoder") / "manifest.json").read_text())
     assert manifest["max_length"] == 256 and manifest["pooling"] == "mean"
     assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
-    tokenizer = json.loads((tiny / "tokenizer.json").read_text())
+    tokenizer = json.loads((bundle.resolve(tiny, "encoder") / "tokenizer.json").read_text())
     assert tokenizer["truncation"]["max_length"] == 256
     assert tokenizer["padding"]["strategy"] == "BatchLongest"
 
@@ -104,7 +104,10 @@ def test_cls_pooling_from_sentence_transformers_config(tmp_path: Path) -> None:
     out = export_encoder(hf, tmp_path / "bundle")
     got = Encoder.load(out).encode(TEXTS, batch_size=4)
     assert relative_error(got, torch_embeddings(hf, out, TEXTS, "cls")).max() <= 1e-4
-    assert json.loads((out / "manifest.json").read_text())["pooling"] == "cls"
+    assert (
+        json.loads((bundle.resolve(out, "encoder") / "manifest.json").read_text())["pooling"]
+        == "cls"
+    )
 
 
 def test_unsupported_pooling_is_refused(tmp_path: Path) -> None:
@@ -118,9 +121,10 @@ def test_unsupported_pooling_is_refused(tmp_path: Path) -> None:
 
 def test_tampered_file_is_named(tiny: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(tiny, tmp_path / "copy")
-    data = bytearray((copy / "model.onnx").read_bytes())
+    model = bundle.resolve(copy, "encoder") / "model.onnx"
+    data = bytearray(model.read_bytes())
     data[-100] ^= 0xFF
-    (copy / "model.onnx").write_bytes(bytes(data))
+    model.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"checksum mismatch for model\.onnx"):
         Encoder.load(copy)
 

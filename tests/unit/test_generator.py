@@ -265,7 +265,7 @@ def test_export_from_hf_dispatches_on_model_type(tmp_path):
 
     src = build_tiny_causal_lm(tmp_path / "hf", "qwen2")
     folder = export_from_hf(src, tmp_path / "bundle")
-    assert json.loads((folder / "manifest.json").read_text())["architecture"] == "qwen2"
+    assert Generator.load(folder).manifest["architecture"] == "qwen2"
 
     odd = tmp_path / "t5"
     odd.mkdir()

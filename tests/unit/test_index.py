@@ -16,6 +16,7 @@ from ragmix.errors import BundleError, NotFoundError, ValidationError
 from ragmix.index import IndexBundle, build_index, default_corpus, read_sources
 from ragmix.index.chunking import chunk_words
 from ragmix.index.store import slug
+from ragmix.models import bundle
 from ragmix.models.encoder import Encoder
 
 pytest.importorskip("torch")
@@ -198,8 +199,8 @@ def test_index_refuses_another_encoder(index_dir: Path, encoder: Encoder, tmp_pa
 
 def test_index_refuses_a_tampered_file(index_dir: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(index_dir, tmp_path / "copy")
-    text = (copy / "passages.jsonl").read_text()
-    (copy / "passages.jsonl").write_text(text.replace("notes:0", "notes:9", 1))
+    passages = bundle.resolve(copy, "index") / "passages.jsonl"
+    passages.write_text(passages.read_text().replace("notes:0", "notes:9", 1))
     with pytest.raises(BundleError, match=r"checksum mismatch for passages\.jsonl"):
         IndexBundle.load(copy)
 

@@ -30,6 +30,8 @@ LOG = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 PASSAGES_FILE = "passages.jsonl"
+REQUIRED = ("name", "encoder", "dimension", "passages", "files")
+"""Manifest keys the loader reads."""
 
 
 def chunk_documents(documents: Iterable[Document], words_per_passage: int) -> list[Passage]:
@@ -67,13 +69,12 @@ def build_index(
 ) -> Path:
     """Chunk, embed and write an index bundle at `out`; nothing appears there unless all succeeds."""
     started = time.perf_counter()
-    if Path(out).exists() and not overwrite:  # say so before minutes of encoding, not after
-        raise BundleError(f"{out} already exists; pass overwrite to replace it.")
+    bundle.check_target(out, overwrite)  # say so before minutes of encoding, not after
     passages = chunk_documents(documents, words_per_passage)
     if not passages:
         raise ValidationError("sources", "the sources hold no text to index.")
     name = name or Path(out).name
-    with bundle.atomic_dir(out, overwrite=overwrite) as tmp:
+    with bundle.new_version(out, overwrite=overwrite) as tmp:
         write_passages(tmp / PASSAGES_FILE, passages)
         vectors = encoder.encode(
             [p.text for p in passages], batch_size=batch_size, progress=progress
@@ -115,7 +116,9 @@ def build_index(
 def check_encoder(
     folder: Path, manifest: dict[str, Any], fingerprint: str, encoder_name: str | None = None
 ) -> None:
-    built_with = manifest.get("encoder", {})
+    built_with = manifest.get("encoder")
+    if not isinstance(built_with, dict):
+        built_with = {}
     if built_with.get("fingerprint") == fingerprint:
         return
     loaded = f"encoder {encoder_name} " if encoder_name else "an encoder "
@@ -149,17 +152,26 @@ class IndexBundle:
         encoder_fingerprint: str | None = None,
         encoder_name: str | None = None,
     ) -> IndexBundle:
-        folder = Path(folder)
-        manifest = bundle.read_manifest(folder, "index", verify=False)
+        root = Path(folder)
+        folder, manifest = bundle.open_bundle(root, "index", verify=False, required=REQUIRED)
         if encoder_fingerprint is not None:
-            check_encoder(folder, manifest, encoder_fingerprint, encoder_name)
-        bundle.verify_files(folder, manifest)
-        index = faiss.read_index(str(folder / INDEX_FILE))
-        store = PassageStore.load(folder / PASSAGES_FILE, manifest["name"])
-        if (
-            not index.ntotal == len(store) == manifest["passages"]
-            or index.d != manifest["dimension"]
-        ):
+            check_encoder(root, manifest, encoder_fingerprint, encoder_name)
+        bundle.verify_files(folder, manifest, "index")
+        try:
+            index = faiss.read_index(str(folder / INDEX_FILE))
+        except RuntimeError as e:  # checksums hold, so the file was written wrong
+            raise BundleError(
+                f"{folder}/{INDEX_FILE} is not a FAISS index FAISS can read ({e}); "
+                f"{bundle.fix_for('index', root)}."
+            ) from e
+        with bundle.malformed(folder, "index"):
+            store = PassageStore.load(folder / PASSAGES_FILE, manifest["name"])
+            consistent = (
+                index.ntotal == len(store) == int(manifest["passages"])
+                and index.d == int(manifest["dimension"])
+                and isinstance(manifest["encoder"]["fingerprint"], str)
+            )
+        if not consistent:
             raise BundleError(
                 f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors of {index.d} dims, "
                 f"{PASSAGES_FILE} {len(store)} passages, the manifest says {manifest['passages']} "
@@ -210,9 +222,9 @@ def ensure_default_index(cache: Path, encoder: Encoder, *, progress: bool = True
     A default index that is damaged or was built with another encoder is derived data: rebuild it.
     """
     out = paths.default_index_dir(cache)
-    if out.exists():
+    if bundle.exists(out):
         try:
-            manifest = bundle.read_manifest(out, "index")
+            _, manifest = bundle.open_bundle(out, "index", required=REQUIRED)
             check_encoder(out, manifest, encoder.fingerprint, encoder.name)
             return out
         except BundleError as e:

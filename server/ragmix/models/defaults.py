@@ -151,10 +151,10 @@ def _build_defaults(
 
 
 def _usable(folder: Path, kind: str, verify: bool) -> bool:
-    if not (folder / bundle.MANIFEST).is_file():
+    if not bundle.exists(folder):
         return False
     try:
-        manifest = bundle.read_manifest(folder, kind, verify=verify)
+        _, manifest = bundle.open_bundle(folder, kind, verify=verify)
     except BundleError as e:
         LOG.warning("rebuilding %s: %s", folder, e)
         return False

@@ -31,6 +31,11 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+KIND = "encoder"
+REQUIRED = ("name", "fingerprint", "tokenizer", "dimension", "max_length", "files")
+"""Manifest keys the loader reads."""
+
+
 class Encoder:
     """A loaded encoder bundle: texts → float32 unit vectors [n, dimension]."""
 
@@ -56,8 +61,7 @@ class Encoder:
     def load(
         cls, folder: Path, *, providers: list[str] | None = None, threads: int | None = None
     ) -> Encoder:
-        folder = Path(folder)
-        manifest = bundle.read_manifest(folder, "encoder")
+        folder, manifest = bundle.open_bundle(folder, KIND, required=REQUIRED)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The encoder and the generator take turns on the same cores: a pool whose threads spin on
@@ -77,13 +81,13 @@ class Encoder:
             tokenizer = Tokenizer.from_file(str(folder / manifest["tokenizer"]))
         except Exception as e:  # onnxruntime and tokenizers raise their own types
             raise BundleError(f"{folder}: cannot load the encoder bundle: {e}") from e
-        # Padding is done per batch here, after sorting by length; truncation stays from the bundle.
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length=int(manifest["max_length"]))
-        LOG.info(
-            "loaded encoder %s (%d dims) from %s", manifest["name"], manifest["dimension"], folder
-        )
-        return cls(folder, manifest, session, tokenizer)
+        with bundle.malformed(folder, KIND):
+            encoder = cls(folder, manifest, session, tokenizer)
+            # Padding is done per batch, after sorting by length; truncation stays from the bundle.
+            tokenizer.no_padding()
+            tokenizer.enable_truncation(max_length=encoder.max_length)
+        LOG.info("loaded encoder %s (%d dims) from %s", encoder.name, encoder.dimension, folder)
+        return encoder
 
     def encode(
         self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False

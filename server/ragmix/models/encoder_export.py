@@ -134,6 +134,7 @@ def export_encoder(
     src: Path, out: Path, *, overwrite: bool = False, max_length: int = 256, name: str | None = None
 ) -> Path:
     """A sentence-transformers or plain BERT-family Hugging Face folder → an encoder bundle at `out`."""
+    bundle.check_target(out, overwrite)
     try:
         import torch
         from transformers import AutoConfig, AutoModel
@@ -170,7 +171,7 @@ def export_encoder(
     dynamic_axes[OUTPUT_NAME] = {0: "batch"}
 
     name = name or Path(out).name
-    with bundle.atomic_dir(out, overwrite=overwrite) as tmp:
+    with bundle.new_version(out, overwrite=overwrite) as tmp:
         with torch.no_grad(), warnings.catch_warnings():
             # transformers' mask builder trips tracer warnings on shape checks that are constant for
             # a bidirectional mask; the tests compare padded batches against PyTorch instead.

@@ -25,6 +25,8 @@ LOG = logging.getLogger(__name__)
 
 KIND = "generator"
 GRAPH = "fused"  # the graph kind this runtime drives (fused_graph.py's contract)
+REQUIRED = ("name", "fingerprint", "tokenizer", "prompt_template", "kv", "io", "files")
+"""Manifest keys every generator bundle has (servable() checks the graph's own)."""
 
 
 def servable(manifest: dict[str, Any]) -> bool:
@@ -100,11 +102,7 @@ class Generator:
         threads: int | None = None,
     ) -> Generator:
         """Verify the bundle's checksums and open its ONNX session (all graph optimisations on)."""
-        folder = Path(folder)
-        manifest = bundle.read_manifest(folder, KIND)
-        for key in ("name", "fingerprint", "tokenizer", "prompt_template", "kv", "io", "files"):
-            if key not in manifest:
-                raise BundleError(f"{folder}/manifest.json lacks {key!r}. Rebuild the bundle.")
+        folder, manifest = bundle.open_bundle(folder, KIND, required=REQUIRED)
         if not servable(manifest):
             raise BundleError(
                 f"{folder} holds a {manifest.get('graph', 'traced')} graph from an older ragmix; "
@@ -123,12 +121,14 @@ class Generator:
                 raise ValueError(f"threads must be >= 1, got {threads}.")
             options.intra_op_num_threads = threads
         chosen = providers or default_providers()
+        with bundle.malformed(folder, KIND):
+            chunk_file = folder / manifest["chunk_graph"]["file"]
         session = _open(folder / "model.onnx", options, chosen)
-        chunk = _open(folder / manifest["chunk_graph"]["file"], options, chosen)
-        LOG.info(
-            "loaded generator %s from %s on %s", manifest["name"], folder, session.get_providers()
-        )
-        return cls(folder, manifest, session, chunk)
+        chunk = _open(chunk_file, options, chosen)
+        with bundle.malformed(folder, KIND):
+            generator = cls(folder, manifest, session, chunk)
+        LOG.info("loaded generator %s from %s on %s", generator.name, folder, generator.providers)
+        return generator
 
     @property
     def providers(self) -> list[str]:

@@ -83,9 +83,10 @@ def export_generator(
     earlier versions, kept as a benchmark baseline; the server does not load it). precision: for
     the fused graph, one of fused_graph.PRECISIONS (default: DEFAULT_GGUF_PRECISION for a GGUF's
     4-bit blocks, fp32 otherwise); quantize="int4" gives an fp32 model Q4_1 blocks first (lossy).
-    The bundle is written to a temporary sibling folder and renamed into place, and its logits
-    and new keys/values are checked against PyTorch on padded rows with a past before the rename.
+    The bundle is written as a new version of `out` (bundle.new_version) and its logits and new
+    keys/values are checked against PyTorch on padded rows with a past before it is put in force.
     """
+    bundle.check_target(out, overwrite)
     if graph not in GRAPHS:
         raise BundleError(f"graph must be one of {GRAPHS}, got {graph!r}.")
     if quantize not in (None, "int4"):
@@ -138,7 +139,7 @@ def export_generator(
         "max_positions": int(config.max_position_embeddings),
         "opset": opset,
     }
-    with bundle.atomic_dir(out, overwrite=overwrite) as tmp:
+    with bundle.new_version(out, overwrite=overwrite) as tmp:
         tolerance = None
         if graph == "fused":
             weights_from = (src / gguf_file) if gguf_file else None
