@@ -7,22 +7,19 @@ releases it. A held stream cannot finish on any machine, however fast.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ServerProcess, stop_server, wait_serving
+from conftest import stop_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_metrics import (
+from servers import (
     ACTIVE_ROWS,
     QUESTION,
     free_port,
     requests_key,
     scrape,
+    serve_gated,
     tiny_args,
     wait_metrics,
 )
@@ -31,7 +28,6 @@ from ragmix_client.proto import ragmix_pb2 as pb
 from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
 LONG_TOKENS = 400
-GATED_SERVER = Path(__file__).parent.parent / "gated_server.py"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -42,29 +38,9 @@ def long_request() -> pb.GenerateRequest:
     )
 
 
-class GatedServer(ServerProcess):
-    gate: Path
-
-    def hold_after(self, tokens: int) -> None:
-        """From now on the engine pauses once a stream has `tokens` tokens."""
-        self.gate.write_text(str(tokens))
-
-    def release(self) -> None:
-        self.gate.write_text("release")
-
-
-def serve(dirs, tmp_path, *extra: str) -> GatedServer:
+def serve(dirs, tmp_path, *extra: str):
     """A gated `ragmix serve` that holds every stream after its first token."""
-    gate, log = tmp_path / "gate", tmp_path / "server.log"
-    gate.write_text("1")
-    args = tiny_args(*dirs, "--max-new-tokens", str(LONG_TOKENS), *extra)
-    cmd = [sys.executable, str(GATED_SERVER), str(gate), "--host", "127.0.0.1", "--port", "0"]
-    f = open(log, "w")  # noqa: SIM115 - the process writes to it for its whole life
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*cmd, *args], stdout=f, stderr=subprocess.STDOUT, env=env)
-    server = GatedServer(proc, wait_serving(proc, log), log)
-    server.gate = gate
-    return server
+    return serve_gated(tiny_args(*dirs, "--max-new-tokens", str(LONG_TOKENS), *extra), tmp_path)
 
 
 @pytest.fixture(scope="module")

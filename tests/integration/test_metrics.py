@@ -4,69 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import time
-import urllib.request
-from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 import pytest
 from conftest import start_server, stop_server
-from prometheus_client.parser import text_string_to_metric_families
+from servers import ACTIVE_ROWS, QUESTION, free_port, requests_key, scrape, tiny_args, wait_metrics
 
 from ragmix_client.proto import ragmix_pb2 as pb
 from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
-
-QUESTION = "What does the yield statement do?"
-ACTIVE_ROWS = "ragmix_active_rows"
-
-
-def tiny_args(generator: Path, encoder: Path, index: Path, *extra: str) -> list[str]:
-    """`ragmix serve` flags for the tiny bundles, plus `extra`."""
-    return [
-        *("--generator", str(generator), "--encoder", str(encoder), "--index", str(index)),
-        *("--max-top-k", "8", "--default-top-k", "4", "--max-batch-rows", "32"),
-        *("--default-max-new-tokens", "12", "--threads", "1"),
-        *extra,
-    ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Every sample of /metrics, keyed 'name{label="value",...}' with labels sorted."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-def requests_key(rpc: str, code: str) -> str:
-    return f'ragmix_requests_total{{code="{code}",rpc="{rpc}"}}'
-
-
-def wait_metrics(
-    port: int, ok: Callable[[dict[str, float]], bool], timeout: float = 30
-) -> dict[str, float]:
-    """Scrape until `ok` holds (the engine thread updates gauges after its step)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            m = scrape(port)
-        except ConnectionError:  # a busy server may drop one poll; the next one counts
-            m = {}
-        if (m and ok(m)) or time.monotonic() > deadline:
-            return m or scrape(port)
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_metrics import QUESTION, tiny_args
+from servers import QUESTION, tiny_args
 
 from ragmix.config import load_config
 from ragmix.errors import ValidationError

@@ -497,3 +497,39 @@ def _concat(a, b):
     for i, row in enumerate(rows):
         kv.write_pieces(out.past, i, 0, [row])
     return out
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_rag_sequence_finishes_when_no_candidate_needs_rescoring(parts, ids, top_k):
+    """Found by fuzzing: with one passage (passage_ids or top_k = 1) every candidate is that
+    passage's own, "thorough" has no rescoring rows, and the request waited forever for them."""
+    e = make_engine(parts)
+    try:
+
+        async def both():
+            one = await collect(e, QUESTION, ids[:1], Mixture.SEQUENCE, max_new_tokens=4)
+            retrieved = [
+                ev
+                async for ev in e.generate(
+                    RetrievalParams(QUESTION, top_k=top_k),
+                    DecodingParams(max_new_tokens=4, num_beams=1),
+                    Mixture.SEQUENCE,
+                )
+            ]
+            fast = await collect(
+                e,
+                QUESTION,
+                ids[:1],
+                Mixture.SEQUENCE,
+                max_new_tokens=4,
+                fast_sequence_decoding=True,
+            )
+            return one, retrieved, fast
+
+        one, retrieved, fast = asyncio.run(both())
+    finally:
+        e.shutdown()
+    for events in (one, retrieved, fast):
+        assert isinstance(events[0], PassagesEvent) and isinstance(events[-1], DoneEvent)
+    assert token_ids(one) == token_ids(fast)  # one passage: thorough and fast agree
+    assert one[-1].posterior == pytest.approx([1.0])

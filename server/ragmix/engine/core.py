@@ -433,7 +433,7 @@ class EngineCore:
         if r.thorough:
             r.prefill = r.rescoring_prefill()
             r.prompt_kv = []  # the rescoring rows hold what they need
-        else:
+        if not r.prefill:  # "fast", or every candidate came from every passage's own beams (K = 1)
             self._answer_sequence(r)
 
     def _answer_sequence(self, r: SequenceRequest) -> None:

@@ -320,23 +320,25 @@ class Engine:
         """Context length, batch rows and KV budget: refused now rather than after streaming."""
         cfg = self.config
         longest = max(len(p.ids) for p in r.prompts)
+        shorter = "a shorter answer" if what == "answer" else f"fewer tokens ({what})"
+        fewer = f"{shorter} or fewer passages (top_k, passage_ids)"
         if r.max_length > self.generator.max_positions:
             raise ValidationError(
                 what,
                 f"the prompt ({longest} tokens) plus {r.max_new_tokens} new tokens exceeds the "
-                f"generator's context of {self.generator.max_positions} tokens; ask for fewer "
-                "tokens or fewer passages.",
+                f"generator's context of {self.generator.max_positions} tokens; ask for {fewer}.",
             )
         if r.max_rows > cfg.max_batch_rows:
             raise ValidationError(
                 "num_beams",
                 f"{r.max_rows} rows (passages x num_beams) exceed the server's "
-                f"max_batch_rows of {cfg.max_batch_rows}; ask for fewer beams or passages.",
+                f"max_batch_rows of {cfg.max_batch_rows}; ask for fewer beams (num_beams) or "
+                "passages (top_k).",
             )
         if r.max_rows * r.max_length > cfg.max_batch_tokens:
             raise ValidationError(
                 what,
                 f"{r.max_rows} rows x ({longest} prompt + {r.max_new_tokens} new tokens) "
                 f"exceeds the server's KV budget of {cfg.max_batch_tokens} token slots "
-                "(--max-batch-tokens); ask for fewer tokens or fewer passages.",
+                f"(--max-batch-tokens); ask for {fewer}.",
             )
