@@ -124,13 +124,13 @@ class EngineCore:
     def submit(self, request: Request) -> None:
         """Queue a request (OverloadedError when the queue is full)."""
         with self._cv:
-            self.scheduler.check_capacity(len(self.running))
+            self.scheduler.check_capacity(self.running)
             self.scheduler.waiting.append(request)
             self._cv.notify()
 
     def check_capacity(self) -> None:
         with self._cv:
-            self.scheduler.check_capacity(len(self.running))
+            self.scheduler.check_capacity(self.running)
 
     def cancel(self, request: Request) -> None:
         request.cancelled = True

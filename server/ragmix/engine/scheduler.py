@@ -31,14 +31,20 @@ class Scheduler:
         self.limits = limits
         self.waiting: collections.deque[Request] = collections.deque()
 
-    def check_capacity(self, running: int) -> None:
-        """Refuse a new request at once when the queue is full (RESOURCE_EXHAUSTED)."""
+    def check_capacity(self, running: Sequence[Request]) -> None:
+        """Refuse a new request at once when the queue is full (RESOURCE_EXHAUSTED).
+
+        Cancelled requests do not count: the next step drops them, and a client that cancels and
+        retries at once (a storm of cancellations) would otherwise be refused by its own ghosts.
+        """
         lim = self.limits
-        free = max(lim.max_concurrent_requests - running, 0)
-        if len(self.waiting) - free >= lim.max_queued_requests:
+        live = sum(not r.cancelled for r in running)
+        waiting = sum(not r.cancelled for r in self.waiting)
+        free = max(lim.max_concurrent_requests - live, 0)
+        if waiting - free >= lim.max_queued_requests:
             raise OverloadedError(
                 f"the server is at capacity ({lim.max_concurrent_requests} running, "
-                f"{len(self.waiting)} queued, max_queued_requests={lim.max_queued_requests}); "
+                f"{waiting} queued, max_queued_requests={lim.max_queued_requests}); "
                 "retry later."
             )
 

@@ -180,8 +180,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _PeerGoneFilter(logging.Filter):
+    """grpc.aio logs a response write that core refuses, which happens when the call already
+    ended (the client cancelled, its deadline passed), as ERROR with a traceback
+    ("ExecuteBatchError raised in core by servicer method", grpc/grpc#32551). Nothing failed on
+    the server's side and the access log records the call's status, so it becomes DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "ExecuteBatchError raised" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure_logs(log_format: str) -> None:
     """Tag records with the request id; with 'json', every handler writes JSON lines."""
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_PeerGoneFilter())
     for handler in logging.getLogger().handlers:
         handler.addFilter(_RequestIdFilter())
         if log_format == "json":
