@@ -175,7 +175,7 @@ class IndexBundle:
             raise BundleError(
                 f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors of {index.d} dims, "
                 f"{PASSAGES_FILE} {len(store)} passages, the manifest says {manifest['passages']} "
-                f"of {manifest['dimension']}; rebuild the index."
+                f"of {manifest['dimension']}; {bundle.fix_for('index', root)}."
             )
         LOG.info("loaded index %s: %d passages from %s", manifest["name"], len(store), folder)
         return cls(folder, manifest, index, store)
