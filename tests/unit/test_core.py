@@ -533,3 +533,37 @@ def test_rag_sequence_finishes_when_no_candidate_needs_rescoring(parts, ids, top
         assert isinstance(events[0], PassagesEvent) and isinstance(events[-1], DoneEvent)
     assert token_ids(one) == token_ids(fast)  # one passage: thorough and fast agree
     assert one[-1].posterior == pytest.approx([1.0])
+
+
+def test_a_request_cancelled_while_queued_is_counted_and_frees_its_place(parts, ids):
+    """A cancelled request still waiting for admission leaves the queue at the next step, with a
+    log line and a `cancelled` finish, like a running one (it used to vanish unrecorded)."""
+
+    class Finishes(EngineObserver):
+        def __init__(self) -> None:
+            self.reasons: list[str] = []
+
+        def on_finish(self, reason: str, generated_tokens: int) -> None:
+            self.reasons.append(reason)
+
+    observer, gate = Finishes(), HoldAfterFirstToken()
+    e = make_engine(parts, observer=observer, step_gate=gate, max_concurrent_requests=1)
+    try:
+
+        async def run():
+            running = asyncio.ensure_future(collect(e, QUESTION, ids[:2], max_new_tokens=4))
+            while not e.core.running:  # admitted: the gate holds it after its first token
+                await asyncio.sleep(0.01)
+            queued = e.generate(retrieval(QUESTION, ids[2:4]), DecodingParams(), Mixture.TOKEN)
+            assert isinstance(await queued.__anext__(), PassagesEvent)
+            assert len(e.core.scheduler.waiting) == 1
+            await queued.aclose()  # the client goes away while it waits
+            gate.open()
+            return await running
+
+        events = asyncio.run(run())
+    finally:
+        e.shutdown()
+    assert isinstance(events[-1], DoneEvent)
+    assert sorted(observer.reasons) == ["cancelled", "length"]
+    assert not e.core.scheduler.waiting

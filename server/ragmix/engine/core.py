@@ -256,6 +256,11 @@ class EngineCore:
             LOG.info("request %s cancelled", r.id)
             self._retire(r)
             self.observer.on_finish("cancelled", len(getattr(r, "tokens", ())))
+        with self._cv:
+            queued = self.scheduler.drop_cancelled()
+        for r in queued:
+            LOG.info("request %s cancelled while queued", r.id)
+            self.observer.on_finish("cancelled", 0)
 
     # ----------------------------------------------------------------- 2. forward
 

@@ -48,6 +48,13 @@ class Scheduler:
                 "retry later."
             )
 
+    def drop_cancelled(self) -> list[Request]:
+        """Take every cancelled request out of the queue, wherever it waits."""
+        gone = [r for r in self.waiting if r.cancelled]
+        if gone:
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+        return gone
+
     def admit(self, running: Sequence[Request]) -> list[Request]:
         """Pop the waiting requests that fit beside `running` (FIFO, no overtaking)."""
         lim = self.limits
