@@ -203,6 +203,8 @@ def generate_request(
     top_n: int = 0,
     num_return_sequences: int = 0,
     fast_sequence_decoding: bool = False,
+    nprobe: int = 0,
+    ef_search: int = 0,
 ) -> pb.GenerateRequest:
     if mixture not in MIXTURES:
         raise ValueError(f"mixture must be one of {', '.join(MIXTURES)}, got {mixture!r}.")
@@ -229,6 +231,8 @@ def generate_request(
         decoding=decoding,
         retrieval_temperature=retrieval_temperature,
         passage_ids=list(passage_ids),
+        nprobe=nprobe,
+        ef_search=ef_search,
     )
 
 
@@ -239,6 +243,8 @@ def score_request(
     top_k: int,
     passage_ids: Sequence[str],
     retrieval_temperature: float,
+    nprobe: int = 0,
+    ef_search: int = 0,
 ) -> pb.ScoreRequest:
     return pb.ScoreRequest(
         query=query,
@@ -246,8 +252,18 @@ def score_request(
         top_k=top_k,
         passage_ids=list(passage_ids),
         retrieval_temperature=retrieval_temperature,
+        nprobe=nprobe,
+        ef_search=ef_search,
     )
 
 
-def retrieve_request(query: str, *, top_k: int, retrieval_temperature: float) -> pb.RetrieveRequest:
-    return pb.RetrieveRequest(query=query, top_k=top_k, retrieval_temperature=retrieval_temperature)
+def retrieve_request(
+    query: str, *, top_k: int, retrieval_temperature: float, nprobe: int = 0, ef_search: int = 0
+) -> pb.RetrieveRequest:
+    return pb.RetrieveRequest(
+        query=query,
+        top_k=top_k,
+        retrieval_temperature=retrieval_temperature,
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )

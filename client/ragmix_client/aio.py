@@ -72,6 +72,8 @@ class AsyncRagClient(ClientBase):
         top_n: int = 0,
         num_return_sequences: int = 0,
         fast_sequence_decoding: bool = False,
+        nprobe: int = 0,
+        ef_search: int = 0,
         timeout: float | None = None,
     ) -> AsyncIterator[Event]:
         """Stream Passages, then one Token per generated token, then Done (see RagClient.generate)."""
@@ -92,6 +94,8 @@ class AsyncRagClient(ClientBase):
             top_n=top_n,
             num_return_sequences=num_return_sequences,
             fast_sequence_decoding=fast_sequence_decoding,
+            nprobe=nprobe,
+            ef_search=ef_search,
         )
         return self._stream(request, self._deadline(timeout))
 
@@ -134,6 +138,8 @@ class AsyncRagClient(ClientBase):
         top_k: int = 0,
         passage_ids: Sequence[str] = (),
         retrieval_temperature: float = 0.0,
+        nprobe: int = 0,
+        ef_search: int = 0,
         timeout: float | None = None,
     ) -> ScoreResult:
         """log p(answer | query) under the TOKEN, SEQUENCE and CONCAT mixtures, with posteriors."""
@@ -143,6 +149,8 @@ class AsyncRagClient(ClientBase):
             top_k=top_k,
             passage_ids=passage_ids,
             retrieval_temperature=retrieval_temperature,
+            nprobe=nprobe,
+            ef_search=ef_search,
         )
         return ScoreResult.from_pb(await self._unary(self._stub.Score, request, timeout))
 
@@ -152,10 +160,18 @@ class AsyncRagClient(ClientBase):
         *,
         top_k: int = 0,
         retrieval_temperature: float = 0.0,
+        nprobe: int = 0,
+        ef_search: int = 0,
         timeout: float | None = None,
     ) -> list[Passage]:
         """The top-K passages for `query` with their prior, without generating."""
-        request = retrieve_request(query, top_k=top_k, retrieval_temperature=retrieval_temperature)
+        request = retrieve_request(
+            query,
+            top_k=top_k,
+            retrieval_temperature=retrieval_temperature,
+            nprobe=nprobe,
+            ef_search=ef_search,
+        )
         resp = await self._unary(self._stub.Retrieve, request, timeout)
         return [Passage.from_pb(p) for p in resp.passages]
 

@@ -73,6 +73,8 @@ class RagClient(ClientBase):
         top_n: int = 0,
         num_return_sequences: int = 0,
         fast_sequence_decoding: bool = False,
+        nprobe: int = 0,
+        ef_search: int = 0,
         timeout: float | None = None,
     ) -> Iterator[Event]:
         """Stream one Passages event, then one Token per generated token, then Done.
@@ -96,6 +98,8 @@ class RagClient(ClientBase):
             top_n: alternatives reported with each token (Token.alternatives), 0..20.
             num_return_sequences: mixture="sequence": best candidates in Done.sequences; 0 = 1.
             fast_sequence_decoding: mixture="sequence": ParlAI's "fast" marginalisation.
+            nprobe: IVF-PQ indexes: inverted lists visited; 0 = server default (Info.index_type).
+            ef_search: HNSW indexes: candidate list size, >= top_k; 0 = server default.
             timeout: seconds for the whole stream; None = the client's default.
         """
         request = generate_request(
@@ -115,6 +119,8 @@ class RagClient(ClientBase):
             top_n=top_n,
             num_return_sequences=num_return_sequences,
             fast_sequence_decoding=fast_sequence_decoding,
+            nprobe=nprobe,
+            ef_search=ef_search,
         )
         return self._stream(request, self._deadline(timeout))
 
@@ -160,6 +166,8 @@ class RagClient(ClientBase):
         top_k: int = 0,
         passage_ids: Sequence[str] = (),
         retrieval_temperature: float = 0.0,
+        nprobe: int = 0,
+        ef_search: int = 0,
         timeout: float | None = None,
     ) -> ScoreResult:
         """log p(answer | query) under the TOKEN, SEQUENCE and CONCAT mixtures, with posteriors."""
@@ -169,6 +177,8 @@ class RagClient(ClientBase):
             top_k=top_k,
             passage_ids=passage_ids,
             retrieval_temperature=retrieval_temperature,
+            nprobe=nprobe,
+            ef_search=ef_search,
         )
         return ScoreResult.from_pb(self._unary(self._stub.Score, request, timeout))
 
@@ -178,10 +188,18 @@ class RagClient(ClientBase):
         *,
         top_k: int = 0,
         retrieval_temperature: float = 0.0,
+        nprobe: int = 0,
+        ef_search: int = 0,
         timeout: float | None = None,
     ) -> list[Passage]:
         """The top-K passages for `query` with their prior, without generating."""
-        request = retrieve_request(query, top_k=top_k, retrieval_temperature=retrieval_temperature)
+        request = retrieve_request(
+            query,
+            top_k=top_k,
+            retrieval_temperature=retrieval_temperature,
+            nprobe=nprobe,
+            ef_search=ef_search,
+        )
         resp = self._unary(self._stub.Retrieve, request, timeout)
         return [Passage.from_pb(p) for p in resp.passages]
 

@@ -196,6 +196,7 @@ class Info:
     providers: list[str]
     max_concurrent_requests: int
     max_queued_requests: int
+    index_type: str = "flat"  # "flat", "hnsw" or "ivfpq"
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -213,6 +214,7 @@ class Info:
             list(m.providers),
             m.max_concurrent_requests,
             m.max_queued_requests,
+            m.index_type or "flat",
         )
 
 

@@ -212,12 +212,28 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--words", type=int, default=100, help="words per passage")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--overwrite", action="store_true")
+    t = b.add_argument_group("index type (FAISS, inner product; docs/DESIGN.md § Index types)")
+    t.add_argument(
+        "--index-type",
+        choices=["auto", "flat", "hnsw", "ivfpq"],
+        default="auto",
+        help="auto: flat below 100k passages, hnsw below 2M, ivfpq above (default: auto)",
+    )
+    t.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node M (default: 32)")
+    t.add_argument("--ef-construction", type=int, default=200, help="HNSW efConstruction (200)")
+    t.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about 4 sqrt(passages))")
+    t.add_argument("--pq-m", type=int, default=0, help="PQ sub-quantisers (0: dimension / 8)")
+    t.add_argument("--pq-bits", type=int, default=8, choices=[4, 6, 8], help="bits per PQ code")
+    t.add_argument(
+        "--train-size", type=int, default=0, help="IVF-PQ training sample (0: 64 x nlist)"
+    )
     b.set_defaults(func=_index_build)
 
 
 def _index_build(args: argparse.Namespace) -> int:
     _setup_logging("info")
     from ragmix.index import build_index, default_corpus, read_sources
+    from ragmix.index.types import IndexSpec
     from ragmix.models.encoder import Encoder
 
     if args.encoder is None:
@@ -235,6 +251,15 @@ def _index_build(args: argparse.Namespace) -> int:
         words_per_passage=args.words,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        spec=IndexSpec(
+            args.index_type,
+            args.hnsw_m,
+            args.ef_construction,
+            args.nlist,
+            args.pq_m,
+            args.pq_bits,
+            args.train_size,
+        ),
     )
     print(f"wrote index bundle {out}")
     return 0

@@ -77,6 +77,18 @@ class ServerConfig:
     grace_seconds: float = field(
         default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may finish"}
     )
+    nprobe: int = field(
+        default=0,
+        metadata={
+            "help": "IVF-PQ index: inverted lists visited per query (0 = 16); requests may set their own"
+        },
+    )
+    ef_search: int = field(
+        default=0,
+        metadata={
+            "help": "HNSW index: candidate list size per query (0 = 64); requests may set their own"
+        },
+    )
     metrics_port: int = field(
         default=0, metadata={"help": "Prometheus /metrics HTTP port on --host (0 = off)"}
     )
@@ -141,6 +153,11 @@ class ServerConfig:
                 "passage_cache_bytes",
                 f"passage_cache_bytes must be >= 0 (0 = off), got {self.passage_cache_bytes}.",
             )
+        for name, hi in (("nprobe", 65_536), ("ef_search", 32_768)):
+            if not 0 <= getattr(self, name) <= hi:
+                raise ValidationError(
+                    name, f"{name} must be in [0, {hi}], got {getattr(self, name)}."
+                )
         if self.grace_seconds < 0:
             raise ValidationError(
                 "grace_seconds", f"grace_seconds must be >= 0, got {self.grace_seconds}."

@@ -39,3 +39,20 @@ class BundleError(RagmixError):
 
     Raised at load time, so the server refuses to start with a message that says which file and why.
     """
+
+
+SHOWN_CHARS = 60
+"""How much of a client's value an error message repeats. A status message travels in the
+grpc-message trailer, which clients refuse past 16 KiB ("metadata size exceeds hard limit", seen
+as RESOURCE_EXHAUSTED instead of the error): echoing a 100k-character stop string lost the error."""
+
+
+def shown(value: object) -> str:
+    """repr(value), cut to SHOWN_CHARS with its full length said, for an error message."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    size = (
+        f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+    )
+    return f"{text[:SHOWN_CHARS]}… ({size})"

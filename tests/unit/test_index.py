@@ -144,7 +144,8 @@ def test_build_writes_passages_with_readable_unique_ids(index_dir: Path) -> None
     assert max(lengths) <= 125 and min(lengths) >= 25
     manifest = index.manifest
     assert manifest["passages"] == index.size == 12
-    assert manifest["metric"] == "inner_product" and manifest["faiss_index"] == "IndexFlatIP"
+    assert manifest["metric"] == "inner_product" and manifest["faiss_index"] == "Flat"
+    assert manifest["index_type"] == index.index_type == "flat"
     assert set(manifest["files"]) == {"index.faiss", "passages.jsonl"}
     assert slug("The yield statement!") == "the-yield-statement"
 

@@ -427,3 +427,13 @@ def test_float32_fields_arrive_as_their_float32_value():
     r = convert.retrieval_from_pb(pb.RetrieveRequest(query="q", retrieval_temperature=0.1))
     assert r.retrieval_temperature == float(np.float32(0.1))
     assert r.verify(LIMITS).retrieval_temperature == pytest.approx(0.1, rel=1e-7)
+
+
+def test_an_error_message_never_repeats_a_huge_value():
+    """Status messages travel in a trailer clients refuse past 16 KiB: a 100k-character value
+    echoed back turned INVALID_ARGUMENT into RESOURCE_EXHAUSTED (found by fuzzing)."""
+    with pytest.raises(ValidationError) as err:
+        DecodingParams(stop=["s" * 100_000]).verify(Limits())
+    message = str(err.value)
+    assert message.startswith("stop must be") and "(100000 characters)" in message
+    assert len(message) < 300

@@ -70,20 +70,24 @@ class DecodingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., num_beams: _Optional[int] = ..., fast_sequence_decoding: _Optional[bool] = ..., top_n: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., num_return_sequences: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("query", "top_k", "mixture", "decoding", "retrieval_temperature", "passage_ids")
+    __slots__ = ("query", "top_k", "mixture", "decoding", "retrieval_temperature", "passage_ids", "nprobe", "ef_search")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MIXTURE_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     PASSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     mixture: Mixture
     decoding: DecodingParams
     retrieval_temperature: float
     passage_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., mixture: _Optional[_Union[Mixture, str]] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., retrieval_temperature: _Optional[float] = ..., passage_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    nprobe: int
+    ef_search: int
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., mixture: _Optional[_Union[Mixture, str]] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., retrieval_temperature: _Optional[float] = ..., passage_ids: _Optional[_Iterable[str]] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("passages", "token", "done")
@@ -178,18 +182,22 @@ class Timings(_message.Message):
     def __init__(self, retrieval_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("query", "answer", "top_k", "passage_ids", "retrieval_temperature")
+    __slots__ = ("query", "answer", "top_k", "passage_ids", "retrieval_temperature", "nprobe", "ef_search")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     PASSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     query: str
     answer: str
     top_k: int
     passage_ids: _containers.RepeatedScalarFieldContainer[str]
     retrieval_temperature: float
-    def __init__(self, query: _Optional[str] = ..., answer: _Optional[str] = ..., top_k: _Optional[int] = ..., passage_ids: _Optional[_Iterable[str]] = ..., retrieval_temperature: _Optional[float] = ...) -> None: ...
+    nprobe: int
+    ef_search: int
+    def __init__(self, query: _Optional[str] = ..., answer: _Optional[str] = ..., top_k: _Optional[int] = ..., passage_ids: _Optional[_Iterable[str]] = ..., retrieval_temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class MixtureScore(_message.Message):
     __slots__ = ("logprob", "token_logprobs", "posterior", "responsibilities")
@@ -218,14 +226,18 @@ class ScoreResponse(_message.Message):
     def __init__(self, passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., answer_token_ids: _Optional[_Iterable[int]] = ..., token: _Optional[_Union[MixtureScore, _Mapping]] = ..., sequence: _Optional[_Union[MixtureScore, _Mapping]] = ..., concat: _Optional[_Union[MixtureScore, _Mapping]] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "top_k", "retrieval_temperature")
+    __slots__ = ("query", "top_k", "retrieval_temperature", "nprobe", "ef_search")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     retrieval_temperature: float
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., retrieval_temperature: _Optional[float] = ...) -> None: ...
+    nprobe: int
+    ef_search: int
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., retrieval_temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("passages",)
@@ -238,7 +250,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "generator", "encoder", "passages", "max_top_k", "max_new_tokens", "max_query_chars", "default_top_k", "default_max_new_tokens", "index", "providers", "max_concurrent_requests", "max_queued_requests")
+    __slots__ = ("version", "generator", "encoder", "passages", "max_top_k", "max_new_tokens", "max_query_chars", "default_top_k", "default_max_new_tokens", "index", "providers", "max_concurrent_requests", "max_queued_requests", "index_type")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +264,7 @@ class GetInfoResponse(_message.Message):
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     version: str
     generator: str
     encoder: str
@@ -265,4 +278,5 @@ class GetInfoResponse(_message.Message):
     providers: _containers.RepeatedScalarFieldContainer[str]
     max_concurrent_requests: int
     max_queued_requests: int
-    def __init__(self, version: _Optional[str] = ..., generator: _Optional[str] = ..., encoder: _Optional[str] = ..., passages: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., default_top_k: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., index: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ...) -> None: ...
+    index_type: str
+    def __init__(self, version: _Optional[str] = ..., generator: _Optional[str] = ..., encoder: _Optional[str] = ..., passages: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., default_top_k: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., index: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., index_type: _Optional[str] = ...) -> None: ...

@@ -14,6 +14,7 @@ from ragmix.engine.request import Request
 from ragmix.engine.retrieval import RetrievalBatcher, Retriever
 from ragmix.index import IndexBundle
 from ragmix.index.bundle import ensure_default_index
+from ragmix.index.types import SearchKnobs
 from ragmix.models import defaults
 from ragmix.models.encoder import Encoder
 from ragmix.models.generator import Generator
@@ -36,11 +37,14 @@ def load_engine(
         Path(config.generator) if config.generator else gen_dir, threads=threads
     )
     encoder = Encoder.load(Path(config.encoder) if config.encoder else enc_dir, threads=threads)
+    knobs = SearchKnobs(config.nprobe, config.ef_search)
     if config.index:
-        index = IndexBundle.load(Path(config.index), encoder_fingerprint=encoder.fingerprint)
+        index = IndexBundle.load(
+            Path(config.index), encoder_fingerprint=encoder.fingerprint, defaults=knobs
+        )
     else:
         index_dir = ensure_default_index(cache, encoder)
-        index = IndexBundle.load(index_dir, encoder_fingerprint=encoder.fingerprint)
+        index = IndexBundle.load(index_dir, encoder_fingerprint=encoder.fingerprint, defaults=knobs)
     LOG.info(
         "loaded generator %s, encoder %s, index %s (%d passages)",
         generator.name,

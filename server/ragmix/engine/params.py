@@ -13,7 +13,8 @@ import numbers
 from dataclasses import dataclass, field
 
 from ragmix.config import ServerConfig
-from ragmix.errors import ValidationError
+from ragmix.errors import ValidationError, shown
+from ragmix.index.types import MAX_EF_SEARCH, MAX_NPROBE, SearchKnobs
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 200
@@ -71,7 +72,7 @@ class Limits:
 
 
 def _fail(name: str, allowed: str, value: object) -> ValidationError:
-    return ValidationError(name, f"{name} must be {allowed}, got {value!r}.")
+    return ValidationError(name, f"{name} must be {allowed}, got {shown(value)}.")
 
 
 def _integer(name: str, value: object, lo: int, hi: int, note: str = "") -> int:
@@ -124,6 +125,14 @@ class RetrievalParams:
     MAX_RETRIEVAL_TEMPERATURE] = [1e-4, 1e4]; 0 = 1.0. Lower sharpens the prior."""
     passage_ids: list[str] = field(default_factory=list)
     """Condition on these passages instead of retrieving (scores still computed against the query)."""
+    nprobe: int = 0
+    """IVF-PQ indexes: inverted lists visited per query, in [1, nlist]; 0 = the server's."""
+    ef_search: int = 0
+    """HNSW indexes: candidate list size per query, in [top_k, 32768]; 0 = the server's."""
+
+    @property
+    def knobs(self) -> SearchKnobs:
+        return SearchKnobs(self.nprobe, self.ef_search)
 
     def __post_init__(self) -> None:
         if self.retrieval_temperature == 0:
@@ -158,6 +167,10 @@ class RetrievalParams:
             if self.top_k == 0:
                 self.top_k = limits.default_top_k
             self.top_k = _integer("top_k", self.top_k, 1, limits.max_top_k)
+        self.nprobe = _integer("nprobe", self.nprobe, 0, MAX_NPROBE, " (0 = the server's)")
+        self.ef_search = _integer(
+            "ef_search", self.ef_search, 0, MAX_EF_SEARCH, " (0 = the server's)"
+        )
         self.retrieval_temperature = _real(
             "retrieval_temperature",
             self.retrieval_temperature,

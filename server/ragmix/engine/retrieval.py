@@ -21,6 +21,7 @@ from ragmix.engine.observer import EngineObserver
 from ragmix.engine.outputs import RetrievedPassage
 from ragmix.engine.params import RetrievalParams
 from ragmix.errors import UnavailableError
+from ragmix.index.types import SearchKnobs
 
 if TYPE_CHECKING:
     from ragmix.index import IndexBundle
@@ -45,13 +46,16 @@ class Retriever:
     def retrieve_batch(
         self, requests: Sequence[RetrievalParams]
     ) -> list[list[RetrievedPassage] | Exception]:
-        """One encoder run and at most one FAISS search for the whole batch."""
+        """One encoder run and one FAISS search per set of search knobs (usually one) for the batch."""
         q = self.encoder.encode([r.query for r in requests])  # n x d
         out: list[list[RetrievedPassage] | Exception] = [[] for _ in requests]
-        search = [i for i, r in enumerate(requests) if not r.passage_ids]
-        if search:
+        groups: dict[SearchKnobs, list[int]] = {}  # one FAISS call per set of search knobs
+        for i, r in enumerate(requests):
+            if not r.passage_ids:
+                groups.setdefault(r.knobs, []).append(i)
+        for knobs, search in groups.items():
             k = max(requests[i].top_k for i in search)
-            scores, rows = self.index.search(q[search], k)  # n_search x k
+            scores, rows = self.index.search(q[search], k, knobs)  # n_search x k
             for n, i in enumerate(search):
                 kk = min(requests[i].top_k, self.index.size)
                 out[i] = self._passages(rows[n, :kk], scores[n, :kk], requests[i])
@@ -100,6 +104,8 @@ class RetrievalBatcher:
         """(passages, retrieval milliseconds) for one request; raises what the batch raised for it."""
         if self._closed:
             raise UnavailableError("the server is shutting down; retry on another replica.")
+        if not params.passage_ids:  # knobs the index lacks: refused before any event
+            self.retriever.index.check(params.knobs, params.top_k)
         fut: concurrent.futures.Future[tuple[list[RetrievedPassage], float]] = (
             concurrent.futures.Future()
         )

@@ -18,9 +18,11 @@ import numpy as np
 
 from ragmix import paths
 from ragmix.errors import BundleError, NotFoundError, ValidationError
+from ragmix.index import types
 from ragmix.index.chunking import chunk_words
 from ragmix.index.sources import Document, default_corpus
 from ragmix.index.store import Passage, PassageIds, PassageStore, write_passages
+from ragmix.index.types import IndexSpec, SearchKnobs, check_knobs, index_type_of, search_parameters
 from ragmix.models import bundle
 
 if TYPE_CHECKING:
@@ -66,14 +68,21 @@ def build_index(
     progress: bool = True,
     overwrite: bool = False,
     name: str | None = None,
+    spec: IndexSpec | None = None,
 ) -> Path:
-    """Chunk, embed and write an index bundle at `out`; nothing appears there unless all succeeds."""
+    """Chunk, embed and write an index bundle at `out`; nothing appears there unless all succeeds.
+
+    spec: the FAISS index type and its parameters (index/types.py); default `auto`, by corpus size.
+    """
     started = time.perf_counter()
     bundle.check_target(out, overwrite)  # say so before minutes of encoding, not after
     passages = chunk_documents(documents, words_per_passage)
     if not passages:
         raise ValidationError("sources", "the sources hold no text to index.")
     name = name or Path(out).name
+    spec = (spec or IndexSpec()).resolved(
+        len(passages), encoder.dimension
+    )  # refused before encoding
     with bundle.new_version(out, overwrite=overwrite) as tmp:
         write_passages(tmp / PASSAGES_FILE, passages)
         vectors = encoder.encode(
@@ -84,8 +93,7 @@ def build_index(
                 f"encoder {encoder.name} returned vectors of shape {vectors.shape}, "
                 f"expected {(len(passages), encoder.dimension)}."
             )
-        index = faiss.IndexFlatIP(encoder.dimension)
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        index, details = types.build(spec, np.ascontiguousarray(vectors, dtype=np.float32))
         faiss.write_index(index, str(tmp / INDEX_FILE))
         files = bundle.file_entries(tmp, [INDEX_FILE, PASSAGES_FILE])
         bundle.write_manifest(
@@ -101,14 +109,21 @@ def build_index(
                 },
                 "dimension": encoder.dimension,
                 "metric": "inner_product",
-                "faiss_index": "IndexFlatIP",
+                "index_type": spec.type,
+                "faiss_index": details["factory"],
+                "index": details,
                 "passages": len(passages),
                 "words_per_passage": words_per_passage,
                 "files": files,
             },
         )
     LOG.info(
-        "built index %s: %d passages in %.1f s", name, len(passages), time.perf_counter() - started
+        "built %s index %s (%s): %d passages in %.1f s",
+        spec.type,
+        name,
+        spec.factory(),
+        len(passages),
+        time.perf_counter() - started,
     )
     return Path(out)
 
@@ -134,13 +149,26 @@ def check_encoder(
 class IndexBundle:
     """A loaded index: FAISS search over unit passage vectors plus the passage store."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any], index: Any, store: PassageStore):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        index: Any,
+        store: PassageStore,
+        defaults: SearchKnobs | None = None,
+    ):
         self.folder = folder
         self.manifest = manifest
         self.name: str = manifest["name"]
         self.size: int = int(index.ntotal)
         self.dimension: int = int(index.d)
         self.encoder_fingerprint: str = manifest["encoder"]["fingerprint"]
+        self.index_type: str = index_type_of(index)
+        self.nlist: int = (
+            int(faiss.extract_index_ivf(index).nlist) if self.index_type == "ivfpq" else 0
+        )
+        self.defaults = defaults or SearchKnobs()
+        check_knobs(self.index_type, self.defaults, 1, self.nlist)  # the server's flags
         self._index = index
         self._store = store
 
@@ -151,14 +179,19 @@ class IndexBundle:
         *,
         encoder_fingerprint: str | None = None,
         encoder_name: str | None = None,
+        defaults: SearchKnobs | None = None,
     ) -> IndexBundle:
+        """Verify and open the bundle; the FAISS file is memory-mapped (read-only), so a large
+        index costs page cache rather than heap. `defaults`: the server's search knobs."""
         root = Path(folder)
         folder, manifest = bundle.open_bundle(root, "index", verify=False, required=REQUIRED)
         if encoder_fingerprint is not None:
             check_encoder(root, manifest, encoder_fingerprint, encoder_name)
         bundle.verify_files(folder, manifest, "index")
         try:
-            index = faiss.read_index(str(folder / INDEX_FILE))
+            index = faiss.read_index(
+                str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            )
         except RuntimeError as e:  # checksums hold, so the file was written wrong
             raise BundleError(
                 f"{folder}/{INDEX_FILE} is not a FAISS index FAISS can read ({e}); "
@@ -170,17 +203,31 @@ class IndexBundle:
                 index.ntotal == len(store) == int(manifest["passages"])
                 and index.d == int(manifest["dimension"])
                 and isinstance(manifest["encoder"]["fingerprint"], str)
+                and index_type_of(index) == manifest.get("index_type", "flat")
             )
         if not consistent:
             raise BundleError(
-                f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors of {index.d} dims, "
-                f"{PASSAGES_FILE} {len(store)} passages, the manifest says {manifest['passages']} "
-                f"of {manifest['dimension']}; {bundle.fix_for('index', root)}."
+                f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors of {index.d} dims "
+                f"({index_type_of(index)}), {PASSAGES_FILE} {len(store)} passages, the manifest "
+                f"says {manifest['passages']} of {manifest['dimension']} "
+                f"({manifest.get('index_type', 'flat')}); {bundle.fix_for('index', root)}."
             )
-        LOG.info("loaded index %s: %d passages from %s", manifest["name"], len(store), folder)
-        return cls(folder, manifest, index, store)
+        LOG.info(
+            "loaded %s index %s: %d passages from %s",
+            index_type_of(index),
+            manifest["name"],
+            len(store),
+            folder,
+        )
+        return cls(folder, manifest, index, store, defaults)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def check(self, knobs: SearchKnobs, k: int) -> None:
+        """Refuse (ValidationError) knobs this index does not have or that are out of range."""
+        check_knobs(self.index_type, knobs, k, self.nlist)
+
+    def search(
+        self, queries: np.ndarray, k: int, knobs: SearchKnobs | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products for a batch of query vectors, in one FAISS call: (D, I)."""
         if k < 1:
             raise ValidationError("k", f"k must be >= 1, got {k}.")
@@ -190,7 +237,9 @@ class IndexBundle:
                 "queries",
                 f"queries must have shape [n, {self.dimension}], got {list(queries.shape)}.",
             )
-        scores, rows = self._index.search(queries, min(k, self.size))  # queries x k, both
+        k = min(k, self.size)
+        params = search_parameters(self.index_type, knobs or SearchKnobs(), self.defaults, k)
+        scores, rows = self._index.search(queries, k, params=params)  # queries x k, both
         return scores, rows.astype(np.int64, copy=False)
 
     def passage(self, row: int) -> Passage:

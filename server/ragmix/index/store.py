@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ragmix.errors import BundleError, NotFoundError
+from ragmix.errors import BundleError, NotFoundError, shown
 
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
 
@@ -93,9 +93,9 @@ class PassageStore:
         unknown = [i for i in ids if i not in self._rows]
         if unknown:
             example = self._passages[0].id if self._passages else "title:0"
-            shown = ", ".join(repr(i) for i in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+            listed = ", ".join(shown(i) for i in unknown[:5]) + (" …" if len(unknown) > 5 else "")
             raise NotFoundError(
-                f"unknown passage id(s) {shown} in index {self._name} "
+                f"unknown passage id(s) {listed} in index {self._name} "
                 f"(ids look like {example!r}; Retrieve returns them)."
             )
         return np.array([self._rows[i] for i in ids], dtype=np.int64)  # ids

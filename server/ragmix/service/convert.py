@@ -40,6 +40,8 @@ def retrieval_from_pb(
         top_k=msg.top_k,
         retrieval_temperature=msg.retrieval_temperature,
         passage_ids=list(getattr(msg, "passage_ids", [])),
+        nprobe=msg.nprobe,
+        ef_search=msg.ef_search,
     )
 
 

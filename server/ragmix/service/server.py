@@ -42,6 +42,7 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
         generator=f"{g.name} (sha256 {g.fingerprint[:12]})",
         encoder=f"{e.name} (sha256 {e.fingerprint[:12]})",
         index=idx.name,
+        index_type=idx.index_type,
         passages=idx.size,
         max_top_k=lim.max_top_k,
         max_new_tokens=lim.max_new_tokens,
