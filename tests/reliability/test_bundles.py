@@ -93,12 +93,12 @@ def test_a_broken_generator_bundle_is_refused_at_start(
 
 
 INDEX_DAMAGE = {
-    "missing file": (lambda v: (v / "passages.jsonl").unlink(), "passages.jsonl"),
+    "missing file": (lambda v: (v / "passages.sqlite").unlink(), "passages.sqlite"),
     "truncated file": (
         lambda v: (v / "index.faiss").write_bytes((v / "index.faiss").read_bytes()[:100]),
         "index.faiss",
     ),
-    "flipped byte": (lambda v: flip_byte(v / "passages.jsonl"), "passages.jsonl"),
+    "flipped byte": (lambda v: flip_byte(v / "passages.sqlite"), "passages.sqlite"),
     "manifest not JSON": (lambda v: (v / "manifest.json").write_bytes(b"\xff\xfe"), "manifest"),
     "older format": (lambda v: edit_manifest(v, format=0), "format 0"),
     "passage count disagrees": (lambda v: edit_manifest(v, passages=1), "passages"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tiny_encoder import TRAINING_TEXT, tiny_encoder_bundle
 from ragmix.errors import BundleError, NotFoundError, ValidationError
 from ragmix.index import IndexBundle, build_index, default_corpus, read_sources
 from ragmix.index.chunking import chunk_words
-from ragmix.index.store import slug
+from ragmix.index.store import Passage, slug
 from ragmix.models import bundle
 from ragmix.models.encoder import Encoder
 
@@ -146,7 +147,7 @@ def test_build_writes_passages_with_readable_unique_ids(index_dir: Path) -> None
     assert manifest["passages"] == index.size == 12
     assert manifest["metric"] == "inner_product" and manifest["faiss_index"] == "Flat"
     assert manifest["index_type"] == index.index_type == "flat"
-    assert set(manifest["files"]) == {"index.faiss", "passages.jsonl"}
+    assert set(manifest["files"]) == {"index.faiss", "passages.sqlite"}
     assert slug("The yield statement!") == "the-yield-statement"
 
 
@@ -200,9 +201,42 @@ def test_index_refuses_another_encoder(index_dir: Path, encoder: Encoder, tmp_pa
 
 def test_index_refuses_a_tampered_file(index_dir: Path, tmp_path: Path) -> None:
     copy = shutil.copytree(index_dir, tmp_path / "copy")
-    passages = bundle.resolve(copy, "index") / "passages.jsonl"
-    passages.write_text(passages.read_text().replace("notes:0", "notes:9", 1))
-    with pytest.raises(BundleError, match=r"checksum mismatch for passages\.jsonl"):
+    con = sqlite3.connect(bundle.resolve(copy, "index") / "passages.sqlite")
+    with con:
+        con.execute("UPDATE passages SET id = 'notes:9' WHERE id = 'notes:0'")
+    con.close()
+    with pytest.raises(BundleError, match=r"checksum mismatch for passages\.sqlite"):
+        IndexBundle.load(copy)
+
+
+def test_the_passage_store_is_sqlite_with_rows_ids_and_sources(index_dir: Path) -> None:
+    index = IndexBundle.load(index_dir)
+    path = bundle.resolve(index_dir, "index") / "passages.sqlite"
+    con = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
+    rows = con.execute(
+        "SELECT row, id, title, text, source, seq FROM passages ORDER BY row"
+    ).fetchall()
+    indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    con.close()
+    assert [r[0] for r in rows] == [r[5] for r in rows] == list(range(index.size))
+    assert indexes  # the UNIQUE id index: passage_ids lookups are indexed queries
+    for row, pid, title, text, source, _ in rows[:5]:
+        assert index.passage(row) == Passage(pid, title, text, source)
+        assert source.endswith((".txt", ".md", ".jsonl"))
+    ids = [rows[3][1], rows[0][1]]
+    assert index.rows_of(ids).tolist() == [3, 0]
+    assert not (path.parent / "passages.sqlite-wal").exists()  # readers leave nothing behind
+
+
+def test_an_index_from_before_the_sqlite_store_is_refused_with_the_fix(
+    index_dir: Path, tmp_path: Path
+) -> None:
+    copy = shutil.copytree(index_dir, tmp_path / "copy")
+    version = bundle.resolve(copy, "index")
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["files"]["passages.jsonl"] = manifest["files"].pop("passages.sqlite")
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"passages\.jsonl, the format of ragmix before"):
         IndexBundle.load(copy)
 
 

@@ -1,4 +1,4 @@
-"""Index bundles: passages.jsonl + a FAISS inner-product index + manifest.json, built atomically.
+"""Index bundles: passages.sqlite + a FAISS inner-product index + manifest.json, built atomically.
 
 The manifest pins the encoder's fingerprint: an index searched with vectors from another encoder
 returns confident nonsense, so loading refuses the mismatch instead
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
-PASSAGES_FILE = "passages.jsonl"
+PASSAGES_FILE = "passages.sqlite"
+OLD_PASSAGES_FILE = "passages.jsonl"  # ragmix before the SQLite store
 REQUIRED = ("name", "encoder", "dimension", "passages", "files")
 """Manifest keys the loader reads."""
 
@@ -54,7 +55,7 @@ def chunk_documents(documents: Iterable[Document], words_per_passage: int) -> li
                     "ids must be unique.",
                 )
             source_of[pid] = doc.source
-            passages.append(Passage(id=pid, title=doc.title, text=text))
+            passages.append(Passage(id=pid, title=doc.title, text=text, source=str(doc.source)))
     return passages
 
 
@@ -128,6 +129,15 @@ def build_index(
     return Path(out)
 
 
+def check_store_format(folder: Path, manifest: dict[str, Any], root: Path) -> None:
+    """Refuse a bundle whose passages are the JSONL file of ragmix before the SQLite store."""
+    if OLD_PASSAGES_FILE in manifest["files"]:
+        raise BundleError(
+            f"{folder} keeps its passages in {OLD_PASSAGES_FILE}, the format of ragmix before "
+            f"the SQLite passage store; {bundle.fix_for('index', root)}."
+        )
+
+
 def check_encoder(
     folder: Path, manifest: dict[str, Any], fingerprint: str, encoder_name: str | None = None
 ) -> None:
@@ -187,6 +197,7 @@ class IndexBundle:
         folder, manifest = bundle.open_bundle(root, "index", verify=False, required=REQUIRED)
         if encoder_fingerprint is not None:
             check_encoder(root, manifest, encoder_fingerprint, encoder_name)
+        check_store_format(folder, manifest, root)
         bundle.verify_files(folder, manifest, "index")
         try:
             index = faiss.read_index(
@@ -273,7 +284,8 @@ def ensure_default_index(cache: Path, encoder: Encoder, *, progress: bool = True
     out = paths.default_index_dir(cache)
     if bundle.exists(out):
         try:
-            _, manifest = bundle.open_bundle(out, "index", required=REQUIRED)
+            version, manifest = bundle.open_bundle(out, "index", required=REQUIRED)
+            check_store_format(version, manifest, out)
             check_encoder(out, manifest, encoder.fingerprint, encoder.name)
             return out
         except BundleError as e:

@@ -1,11 +1,12 @@
-"""The passage store: passages.jsonl, where row i is FAISS id i, held in memory with an id → row map."""
+"""The passage store: SQLite, where row i is FAISS id i, with indexed lookups by row and by id."""
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ class Passage:
     id: str
     title: str
     text: str
+    source: str = ""
 
 
 def slug(title: str) -> str:
@@ -45,57 +47,104 @@ class PassageIds:
         return [f"{stem}:{i}" for i in range(n_chunks)]
 
 
+SCHEMA = """
+CREATE TABLE passages (
+    row    INTEGER PRIMARY KEY,  -- the passage's FAISS id
+    id     TEXT NOT NULL UNIQUE, -- indexed: passage_ids lookups
+    title  TEXT NOT NULL,
+    text   TEXT NOT NULL,
+    source TEXT NOT NULL,        -- the file the passage came from
+    seq    INTEGER NOT NULL      -- when it was added, in order
+);
+"""
+
+
 def write_passages(path: Path, passages: Iterable[Passage]) -> int:
-    """Write passages.jsonl; returns the row count."""
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for p in passages:
-            f.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    """Write the passage store (SQLite, WAL journal) with row i = FAISS id i; returns the count.
 
-
-def _read_rows(path: Path) -> Iterator[Passage]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                yield Passage(**json.loads(line))
-            except (json.JSONDecodeError, TypeError) as e:
-                raise BundleError(f"{path}:{lineno} is not a passage row: {e}.") from e
+    The connection is closed before the bundle's checksums are taken, which checkpoints the WAL
+    into the file, so the store is the one file the manifest lists.
+    """
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(SCHEMA)
+        with con:
+            con.executemany(
+                "INSERT INTO passages (row, id, title, text, source, seq) VALUES (?, ?, ?, ?, ?, ?)",
+                ((i, p.id, p.title, p.text, p.source, i) for i, p in enumerate(passages)),
+            )
+        return con.execute("SELECT count(*) FROM passages").fetchone()[0]
+    finally:
+        con.close()
 
 
 class PassageStore:
-    """Passages by FAISS row and by id."""
+    """Passages by FAISS row and by id, read from SQLite on demand: indexed queries, so memory
+    does not grow with the corpus. Opened read-only and immutable (the bundle's checksums pin its
+    bytes), so readers take no locks and leave no -wal or -shm files beside it."""
 
-    def __init__(self, passages: list[Passage], name: str = "index") -> None:
-        self._passages = passages
+    def __init__(self, con: sqlite3.Connection, path: Path, name: str = "index") -> None:
+        self._con = con
+        self._lock = threading.Lock()  # one connection, shared by the retrieval and RPC threads
+        self._path = path
         self._name = name
-        self._rows = {p.id: i for i, p in enumerate(passages)}
-        if len(self._rows) != len(passages):
-            raise BundleError(f"index {name} has duplicate passage ids; rebuild it.")
+        self._size = self._one("SELECT count(*) FROM passages")[0]
+        first = self._one("SELECT id FROM passages ORDER BY row LIMIT 1")
+        self._example = first[0] if first else "title:0"
+        last = self._one("SELECT max(row) FROM passages")[0]
+        if self._size and last != self._size - 1:
+            raise BundleError(
+                f"{path}: passage rows are not 0..{self._size - 1}; rebuild the index."
+            )
 
     @classmethod
     def load(cls, path: Path, name: str = "index") -> PassageStore:
-        return cls(list(_read_rows(path)), name)
+        try:
+            con = sqlite3.connect(
+                f"{Path(path).absolute().as_uri()}?mode=ro&immutable=1",
+                uri=True,
+                check_same_thread=False,
+            )
+            return cls(con, Path(path), name)
+        except sqlite3.DatabaseError as e:
+            raise BundleError(f"{path} is not a passage store SQLite can read ({e}).") from e
+
+    def _one(self, sql: str, args: Sequence[object] = ()) -> tuple | None:
+        with self._lock:
+            return self._con.execute(sql, args).fetchone()
 
     def __len__(self) -> int:
-        return len(self._passages)
+        return self._size
 
     def __getitem__(self, row: int) -> Passage:
-        if not 0 <= row < len(self._passages):
+        found = None
+        if 0 <= row < self._size:
+            found = self._one("SELECT id, title, text, source FROM passages WHERE row = ?", (row,))
+        if found is None:
             raise NotFoundError(
-                f"passage row {row} is out of range for index {self._name} "
-                f"({len(self._passages)} passages)."
+                f"passage row {row} is out of range for index {self._name} ({self._size} passages)."
             )
-        return self._passages[row]
+        return Passage(*found)
 
     def rows_of(self, ids: Sequence[str]) -> np.ndarray:
-        unknown = [i for i in ids if i not in self._rows]
+        """FAISS rows of the ids, in their order; NotFoundError naming the unknown ones."""
+        with self._lock:
+            found = (
+                dict(
+                    self._con.execute(
+                        f"SELECT id, row FROM passages WHERE id IN ({','.join('?' * len(ids))})",
+                        list(ids),
+                    ).fetchall()
+                )
+                if ids
+                else {}
+            )
+        unknown = [i for i in ids if i not in found]
         if unknown:
-            example = self._passages[0].id if self._passages else "title:0"
             listed = ", ".join(shown(i) for i in unknown[:5]) + (" …" if len(unknown) > 5 else "")
             raise NotFoundError(
                 f"unknown passage id(s) {listed} in index {self._name} "
-                f"(ids look like {example!r}; Retrieve returns them)."
+                f"(ids look like {self._example!r}; Retrieve returns them)."
             )
-        return np.array([self._rows[i] for i in ids], dtype=np.int64)  # ids
+        return np.array([found[i] for i in ids], dtype=np.int64)  # ids
