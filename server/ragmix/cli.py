@@ -202,7 +202,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     isub = p.add_subparsers(dest="index_cmd", required=True)
     b = isub.add_parser(
         "build",
-        help="chunk, embed and index text/markdown/JSONL files and folders",
+        help="chunk, embed and index text, Markdown, JSONL, HTML and PDF files and folders",
         description="With no SOURCES: the Python Language Reference topics CPython ships.",
     )
     b.add_argument("sources", nargs="*", type=Path)

@@ -52,7 +52,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     (folder / "deeper").mkdir(parents=True)
     (folder / "b.txt").write_text(words(120, 6))
     (folder / "deeper" / "a.md").write_text(words(60, 7))
-    (folder / "ignored.pdf").write_bytes(b"%PDF")
+    (folder / "ignored.docx").write_bytes(b"PK\x03\x04")  # not a source type
     (folder / ".hidden").mkdir()
     (folder / ".hidden" / "x.txt").write_text(words(30, 8))
     return [root / "notes.txt", root / "guide.md", root / "rows.jsonl", folder]
@@ -104,9 +104,9 @@ def test_read_sources_titles_ids_and_folder_order(corpus: list[Path]) -> None:
 
 
 def test_read_sources_errors_name_the_file(tmp_path: Path) -> None:
-    (tmp_path / "doc.pdf").write_bytes(b"%PDF")
-    with pytest.raises(ValidationError, match=r"doc\.pdf: unsupported file type '\.pdf'"):
-        list(read_sources([tmp_path / "doc.pdf"]))
+    (tmp_path / "doc.docx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValidationError, match=r"doc\.docx: unsupported file type '\.docx'"):
+        list(read_sources([tmp_path / "doc.docx"]))
     with pytest.raises(ValidationError, match=r"missing\.txt does not exist"):
         list(read_sources([tmp_path / "missing.txt"]))
     (tmp_path / "bad.jsonl").write_text('{"title": "a", "text": "b"}\n{"title": 1}\n')
@@ -279,3 +279,65 @@ def test_build_refuses_existing_out_empty_corpus_and_duplicate_ids(
     ):
         build_index(read_sources([tmp_path / "dup.jsonl"]), encoder, tmp_path / "o", progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def pdf_with_pages(path: Path, title: str, pages: list[str]) -> Path:
+    """A real, minimal PDF (one Helvetica text line per page, a correct xref table)."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b""]  # the page tree is filled in below
+    kids = []
+    for text in pages:
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+        content = len(objects) + 2
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content} 0 R "
+            f"/Resources << /Font << /F1 {len(pages) * 2 + 3} 0 R >> >> >>".encode()
+        )
+        kids.append(f"{len(objects)} 0 R")
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>".encode()
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    objects.append(f"<< /Title ({title}) >>".encode())
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for n, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R /Info %d 0 R >>\n" % (len(objects) + 1, len(objects))
+    out += b"startxref\n%d\n%%%%EOF\n" % xref
+    path.write_bytes(bytes(out))
+    return path
+
+
+def test_html_and_pdf_sources_keep_their_text_title_and_page(encoder: Encoder, tmp_path: Path):
+    html = tmp_path / "guide.html"
+    html.write_text(
+        "<html><head><title>Generators &amp; you</title><style>p{color:red}</style>"
+        "<script>var hidden = 1;</script></head><body><h1>Ignored heading</h1>"
+        "<p>A generator <b>yields</b> values lazily.</p><p>Caf\u00e9 &lt;ok&gt;</p></body></html>",
+        encoding="utf-8",
+    )
+    pdf = pdf_with_pages(
+        tmp_path / "manual.pdf", "Loop manual", ["For loops iterate.", "", "While loops wait."]
+    )
+    docs = list(read_sources([tmp_path]))
+    by_source = {d.source: d for d in docs}
+    page = by_source[f"{html}"]
+    assert page.title == "Generators & you"
+    assert page.text == "Ignored heading A generator yields values lazily. Caf\u00e9 <ok>"
+    assert "hidden" not in page.text and "color" not in page.text
+    assert by_source[f"{pdf}#page=1"].text.strip() == "For loops iterate."
+    assert by_source[f"{pdf}#page=3"].text.strip() == "While loops wait."
+    assert f"{pdf}#page=2" not in by_source  # a page without text gives no document
+    assert {d.title for d in docs if d.source.startswith(str(pdf))} == {"Loop manual"}
+    index = IndexBundle.load(build_index(docs, encoder, tmp_path / "idx", progress=False))
+    sources = {index.passage(r).source for r in range(index.size)}
+    assert sources == {str(html), f"{pdf}#page=1", f"{pdf}#page=3"}
+
+
+def test_a_broken_pdf_is_refused_naming_the_file(tmp_path: Path):
+    bad = tmp_path / "broken.pdf"
+    bad.write_bytes(b"%PDF-1.4\nnot really")
+    with pytest.raises(ValidationError, match=r"broken\.pdf is not a PDF pypdf can read"):
+        list(read_sources([bad]))

@@ -1,4 +1,7 @@
-"""Where passages come from: text, Markdown and JSONL files, folders of them, and the default corpus."""
+"""Where passages come from: text, Markdown, JSONL, HTML and PDF files, folders of them, and the
+default corpus. HTML gives its text (scripts and styles dropped, <title> or the first <h1> as the
+title); a PDF gives one document per page, its source `path#page=N`, so every passage says where
+it came from."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from ragmix.errors import ValidationError
 
 LOG = logging.getLogger(__name__)
 
-SUFFIXES = (".txt", ".md", ".jsonl")
+SUFFIXES = (".txt", ".md", ".jsonl", ".html", ".htm", ".pdf")
 DEFAULT_CORPUS_SOURCE = "pydoc_data.topics"
 
 _MD_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
@@ -33,7 +36,8 @@ def read_sources(paths: Sequence[Path]) -> Iterator[Document]:
     """Documents from files and folders (recursively, in sorted order), in the order given."""
     if not paths:
         raise ValidationError(
-            "sources", "no sources given; pass .txt, .md or .jsonl files or folders."
+            "sources",
+            "no sources given; pass .txt, .md, .jsonl, .html or .pdf files or folders.",
         )
     for path in map(Path, paths):
         if path.is_dir():
@@ -76,11 +80,57 @@ def _read_file(path: Path) -> Iterator[Document]:
     if suffix == ".jsonl":
         yield from _read_jsonl(path)
         return
+    if suffix in (".html", ".htm"):
+        yield _read_html(path)
+        return
+    if suffix == ".pdf":
+        yield from _read_pdf(path)
+        return
     text = _read_text(path)
     title = path.stem
     if suffix == ".md" and (heading := _MD_HEADING.search(text)):
         title = heading.group(1)
     yield Document(title=title, text=text, source=str(path))
+
+
+_NOT_TEXT = ("script", "style", "noscript", "template", "svg", "head")
+
+
+def _read_html(path: Path) -> Document:
+    """The visible text of an HTML file (BeautifulSoup with the standard library's parser)."""
+    from bs4 import BeautifulSoup
+
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValidationError("sources", f"cannot read {path}: {e.strerror or e}.") from e
+    soup = BeautifulSoup(raw, "html.parser")  # decodes by <meta charset> or detection
+    heading = soup.title or soup.find("h1")
+    title = heading.get_text(" ", strip=True) if heading else ""
+    for tag in soup(_NOT_TEXT):
+        tag.decompose()
+    text = " ".join(soup.get_text(" ").split())  # chunking counts words: spacing is not kept
+    return Document(title=title or path.stem, text=text, source=str(path))
+
+
+def _read_pdf(path: Path) -> Iterator[Document]:
+    """One document per page with text (pypdf's text extraction), titled by the PDF's metadata."""
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            raise ValidationError("sources", f"{path} is an encrypted PDF; decrypt it first.")
+        title = (reader.metadata.title if reader.metadata else None) or path.stem
+        pages = [(n, page.extract_text() or "") for n, page in enumerate(reader.pages, start=1)]
+    except (PdfReadError, OSError, ValueError) as e:
+        if isinstance(e, ValidationError):
+            raise
+        raise ValidationError("sources", f"{path} is not a PDF pypdf can read ({e}).") from e
+    for n, text in pages:
+        if text.strip():
+            yield Document(title=str(title), text=text, source=f"{path}#page={n}")
 
 
 def _read_jsonl(path: Path) -> Iterator[Document]:
