@@ -80,18 +80,6 @@ GENERATOR_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", GENERATOR_DAMAGE)
-def test_a_broken_generator_bundle_is_refused_at_start(
-    damage, tiny_generator_dir, tiny_encoder_dir, tiny_index_dir, tmp_path
-):
-    broken, version = copy(tiny_generator_dir, tmp_path / "generator")
-    spoil, names = GENERATOR_DAMAGE[damage]
-    spoil(version)
-    message = refused_at_start(broken, tiny_encoder_dir, tiny_index_dir)
-    assert names in message, message
-    assert "ragmix models export" in message, message  # the fix
-
-
 INDEX_DAMAGE = {
     "missing file": (lambda v: (v / "passages.sqlite").unlink(), "passages.sqlite"),
     "truncated file": (
@@ -105,16 +93,28 @@ INDEX_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", INDEX_DAMAGE)
-def test_a_broken_index_bundle_is_refused_at_start(
-    damage, tiny_generator_dir, tiny_encoder_dir, tiny_index_dir, tmp_path
+ENCODER_DAMAGE = {"missing file": (lambda v: (v / "model.onnx").unlink(), "model.onnx")}
+DAMAGE = {"generator": GENERATOR_DAMAGE, "encoder": ENCODER_DAMAGE, "index": INDEX_DAMAGE}
+FIX = {
+    "generator": "ragmix models export",
+    "encoder": "ragmix models export",
+    "index": "ragmix index build",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "damage"), [(kind, damage) for kind, table in DAMAGE.items() for damage in table]
+)
+def test_a_broken_bundle_is_refused_at_start(
+    kind, damage, tiny_generator_dir, tiny_encoder_dir, tiny_index_dir, tmp_path
 ):
-    broken, version = copy(tiny_index_dir, tmp_path / "index")
-    spoil, names = INDEX_DAMAGE[damage]
+    dirs = {"generator": tiny_generator_dir, "encoder": tiny_encoder_dir, "index": tiny_index_dir}
+    dirs[kind], version = copy(dirs[kind], tmp_path / kind)
+    spoil, names = DAMAGE[kind][damage]
     spoil(version)
-    message = refused_at_start(tiny_generator_dir, tiny_encoder_dir, broken)
+    message = refused_at_start(dirs["generator"], dirs["encoder"], dirs["index"])
     assert names in message, message
-    assert "ragmix index build" in message, message
+    assert FIX[kind] in message, message  # the fix
 
 
 def test_an_index_built_by_another_encoder_is_refused_at_start(
@@ -137,15 +137,6 @@ def test_damaged_pointer_and_interrupted_first_build_are_refused(
     (interrupted / ".lock").touch()
     message = refused_at_start(tiny_generator_dir, tiny_encoder_dir, interrupted)
     assert "a build into it was interrupted" in message and "ragmix index build" in message
-
-
-def test_an_encoder_bundle_with_a_missing_file_is_refused(
-    tiny_generator_dir, tiny_encoder_dir, tiny_index_dir, tmp_path
-):
-    broken, version = copy(tiny_encoder_dir, tmp_path / "encoder")
-    (version / "model.onnx").unlink()
-    message = refused_at_start(tiny_generator_dir, broken, tiny_index_dir)
-    assert "model.onnx" in message and "ragmix models export" in message, message
 
 
 # ----------------------------------------------------------------------------- crash safety

@@ -198,8 +198,10 @@ class EngineCore:
     def _schedule(self) -> StepPlan | None:
         self._drop_cancelled()
         with self._cv:  # popped and running at once: in_flight never misses a request
-            new = self.scheduler.admit(self.running)
+            new, cancelled = self.scheduler.admit(self.running)
             self.running = [*self.running, *new]
+        for r in cancelled:
+            self._record_cancel(r, "while queued")
         for r in new:
             try:
                 self._start_prefill(r)
@@ -251,16 +253,13 @@ class EngineCore:
             self.observer.on_passage_cache(hits, len(prompts) - hits, cache.bytes, len(cache))
 
     def _drop_cancelled(self) -> None:
-        gone = [r for r in self.running if r.cancelled]
-        for r in gone:
-            LOG.info("request %s cancelled", r.id)
+        for r in [r for r in self.running if r.cancelled]:
             self._retire(r)
-            self.observer.on_finish("cancelled", len(getattr(r, "tokens", ())))
-        with self._cv:
-            queued = self.scheduler.drop_cancelled()
-        for r in queued:
-            LOG.info("request %s cancelled while queued", r.id)
-            self.observer.on_finish("cancelled", 0)
+            self._record_cancel(r)
+
+    def _record_cancel(self, r: Request, where: str = "") -> None:
+        LOG.info("request %s cancelled%s", r.id, f" {where}" if where else "")
+        self.observer.on_finish("cancelled", len(getattr(r, "tokens", ())))
 
     # ----------------------------------------------------------------- 2. forward
 

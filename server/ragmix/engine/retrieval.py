@@ -43,6 +43,11 @@ class Retriever:
         self.encoder = encoder
         self.index = index
 
+    def check(self, params: RetrievalParams) -> None:
+        """Refuse search knobs the index lacks (passage_ids requests do not search)."""
+        if not params.passage_ids:
+            self.index.check(params.knobs, params.top_k)
+
     def retrieve_batch(
         self, requests: Sequence[RetrievalParams]
     ) -> list[list[RetrievedPassage] | Exception]:
@@ -104,8 +109,7 @@ class RetrievalBatcher:
         """(passages, retrieval milliseconds) for one request; raises what the batch raised for it."""
         if self._closed:
             raise UnavailableError("the server is shutting down; retry on another replica.")
-        if not params.passage_ids:  # knobs the index lacks: refused before any event
-            self.retriever.index.check(params.knobs, params.top_k)
+        self.retriever.check(params)  # before any event
         fut: concurrent.futures.Future[tuple[list[RetrievedPassage], float]] = (
             concurrent.futures.Future()
         )

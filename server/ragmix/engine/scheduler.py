@@ -48,15 +48,13 @@ class Scheduler:
                 "retry later."
             )
 
-    def drop_cancelled(self) -> list[Request]:
-        """Take every cancelled request out of the queue, wherever it waits."""
-        gone = [r for r in self.waiting if r.cancelled]
-        if gone:
+    def admit(self, running: Sequence[Request]) -> tuple[list[Request], list[Request]]:
+        """Pop the waiting requests that fit beside `running` (FIFO, no overtaking), and every
+        cancelled one wherever it waits: (admitted, cancelled). One cancelled after this pass is
+        admitted and dropped from the running batch at the next step."""
+        cancelled = [r for r in self.waiting if r.cancelled]
+        if cancelled:
             self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
-        return gone
-
-    def admit(self, running: Sequence[Request]) -> list[Request]:
-        """Pop the waiting requests that fit beside `running` (FIFO, no overtaking)."""
         lim = self.limits
         rows = sum(r.max_rows for r in running)
         longest = max((r.max_length for r in running if r.max_rows), default=0)
@@ -64,9 +62,6 @@ class Scheduler:
         admitted: list[Request] = []
         while self.waiting:
             r = self.waiting[0]
-            if r.cancelled:
-                self.waiting.popleft()
-                continue
             new_rows = rows + r.max_rows
             new_longest = max(longest, r.max_length) if r.max_rows else longest
             if count >= lim.max_concurrent_requests or new_rows > lim.max_batch_rows:
@@ -75,7 +70,7 @@ class Scheduler:
                 break
             admitted.append(self.waiting.popleft())
             rows, longest, count = new_rows, new_longest, count + 1
-        return admitted
+        return admitted, cancelled
 
     def chunk(self, running: Sequence[Request]) -> tuple[Chunk, list[Request]]:
         """This step's prefill chunk over the admitted requests' pending rows, and each row's owner."""

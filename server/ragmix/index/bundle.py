@@ -208,24 +208,25 @@ class IndexBundle:
                 f"{folder}/{INDEX_FILE} is not a FAISS index FAISS can read ({e}); "
                 f"{bundle.fix_for('index', root)}."
             ) from e
+        kind = index_type_of(index)
         with bundle.malformed(folder, "index"):
             store = PassageStore.load(folder / PASSAGES_FILE, manifest["name"])
             consistent = (
                 index.ntotal == len(store) == int(manifest["passages"])
                 and index.d == int(manifest["dimension"])
                 and isinstance(manifest["encoder"]["fingerprint"], str)
-                and index_type_of(index) == manifest.get("index_type", "flat")
+                and kind == manifest.get("index_type", "flat")
             )
         if not consistent:
             raise BundleError(
                 f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors of {index.d} dims "
-                f"({index_type_of(index)}), {PASSAGES_FILE} {len(store)} passages, the manifest "
+                f"({kind}), {PASSAGES_FILE} {len(store)} passages, the manifest "
                 f"says {manifest['passages']} of {manifest['dimension']} "
                 f"({manifest.get('index_type', 'flat')}); {bundle.fix_for('index', root)}."
             )
         LOG.info(
             "loaded %s index %s: %d passages from %s",
-            index_type_of(index),
+            kind,
             manifest["name"],
             len(store),
             folder,

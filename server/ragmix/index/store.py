@@ -129,16 +129,10 @@ class PassageStore:
 
     def rows_of(self, ids: Sequence[str]) -> np.ndarray:
         """FAISS rows of the ids, in their order; NotFoundError naming the unknown ones."""
+        marks = ",".join("?" * len(ids))  # "IN ()" is valid SQLite: no ids, no rows
         with self._lock:
-            found = (
-                dict(
-                    self._con.execute(
-                        f"SELECT id, row FROM passages WHERE id IN ({','.join('?' * len(ids))})",
-                        list(ids),
-                    ).fetchall()
-                )
-                if ids
-                else {}
+            found = dict(
+                self._con.execute(f"SELECT id, row FROM passages WHERE id IN ({marks})", list(ids))
             )
         unknown = [i for i in ids if i not in found]
         if unknown:

@@ -9,9 +9,9 @@ cosine and L2 ranking; no metric conversion is needed (docs/DESIGN.md § Index t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import faiss
@@ -31,7 +31,7 @@ MAX_EF_SEARCH = 32_768
 """Range bounds of the knobs, checked before they reach FAISS's int arguments."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class IndexSpec:
     """An index type and its build parameters (0 = derived from the corpus size)."""
 
@@ -52,15 +52,7 @@ class IndexSpec:
             raise ValidationError(
                 "index_type", f"index_type must be auto or one of {TYPES}, got {kind!r}."
             )
-        spec = IndexSpec(
-            kind,
-            self.hnsw_m,
-            self.ef_construction,
-            self.nlist,
-            self.pq_m,
-            self.pq_bits,
-            self.train_size,
-        )
+        spec = dataclasses.replace(self, type=kind)
         if kind == "hnsw" and not (4 <= spec.hnsw_m <= 256 and spec.ef_construction >= spec.hnsw_m):
             raise ValidationError(
                 "hnsw_m",
@@ -84,7 +76,7 @@ class IndexSpec:
                 f"IVF-PQ over {n} passages needs 1 <= nlist <= {n} and "
                 f"{2**spec.pq_bits} <= train_size <= {n}, got nlist={nlist}, train_size={train}.",
             )
-        return IndexSpec(kind, spec.hnsw_m, spec.ef_construction, nlist, pq_m, spec.pq_bits, train)
+        return dataclasses.replace(spec, nlist=nlist, pq_m=pq_m, train_size=train)
 
     def factory(self) -> str:
         """The FAISS index_factory string of a resolved spec."""
@@ -131,7 +123,7 @@ def build(spec: IndexSpec, vectors: np.ndarray, seed: int = 0) -> tuple[Any, dic
             "seconds": round(time.perf_counter() - t0, 3),
         }
     index.add(vectors)
-    details["spec"] = asdict(spec)
+    details["spec"] = dataclasses.asdict(spec)
     return index, details
 
 
@@ -149,7 +141,7 @@ def index_type_of(index: Any) -> str:
     )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SearchKnobs:
     """Query-time accuracy/speed knobs; 0 = the index's default."""
 

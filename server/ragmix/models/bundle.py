@@ -318,7 +318,7 @@ def _locked(out: Path) -> Iterator[None]:
 def remove_leftovers(out: Path) -> None:
     """Delete what is not the version in force: interrupted builds, replaced versions, and the
     files of a top-level bundle once CURRENT has replaced it. Call only under the lock."""
-    current = _current(out) if (out / POINTER).is_file() else None
+    current = _current(out)
     for p in out.iterdir():
         if p.name in (POINTER, LOCK) or p.name == current:
             continue
