@@ -74,16 +74,23 @@ class GatedServer(ServerProcess):
 
     def hold_after(self, tokens: int) -> None:
         """From now on the engine pauses once a stream has `tokens` tokens."""
-        self.gate.write_text(str(tokens))
+        write_gate(self.gate, str(tokens))
 
     def release(self) -> None:
-        self.gate.write_text("release")
+        write_gate(self.gate, "release")
+
+
+def write_gate(gate: Path, text: str) -> None:
+    """Replace the gate file whole: the engine polls it and must never read it half-written."""
+    tmp = gate.with_name(gate.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(gate)
 
 
 def serve_gated(args: list[str], folder: Path, hold_after: int | None = 1) -> GatedServer:
     """`ragmix serve ARGS` on a free loopback port with a step gate (None = released)."""
     gate, log = folder / "gate", folder / "server.log"
-    gate.write_text("release" if hold_after is None else str(hold_after))
+    write_gate(gate, "release" if hold_after is None else str(hold_after))
     cmd = [sys.executable, str(GATED_SERVER), str(gate), "--host", "127.0.0.1", "--port", "0"]
     f = open(log, "w")  # noqa: SIM115 - the process writes to it for its whole life
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

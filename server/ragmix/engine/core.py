@@ -159,9 +159,9 @@ class EngineCore:
                     self._cv.wait()
                 if self._stopping:
                     break
-            if self.step_gate is not None:
-                self.step_gate(self.running)
             try:
+                if self.step_gate is not None:
+                    self.step_gate(self.running)
                 self.step()
             except Exception as e:  # a bug outside forward/mix: end everything in flight, go on
                 LOG.exception("engine step failed; failing %d requests", len(self.running))
