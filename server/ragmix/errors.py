@@ -26,6 +26,10 @@ class NotFoundError(RagmixError, LookupError):
     """Something a request names does not exist (a passage id). Maps to NOT_FOUND."""
 
 
+class ConflictError(RagmixError):
+    """What a request would create already exists (a passage id). Maps to ALREADY_EXISTS."""
+
+
 class OverloadedError(RagmixError):
     """The server refuses new work rather than queue it without bound. Maps to RESOURCE_EXHAUSTED."""
 

@@ -15,7 +15,7 @@ import pytest
 
 from ragmix import paths
 from ragmix.index import IndexBundle, default_corpus
-from ragmix.index.bundle import ensure_default_index
+from ragmix.index.build import ensure_default_index
 from ragmix.models import bundle
 from ragmix.models.encoder import Encoder
 from ragmix.models.encoder_export import export_encoder, find_default_encoder_source

@@ -280,3 +280,81 @@ class GetInfoResponse(_message.Message):
     max_queued_requests: int
     index_type: str
     def __init__(self, version: _Optional[str] = ..., generator: _Optional[str] = ..., encoder: _Optional[str] = ..., passages: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., default_top_k: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., index: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., index_type: _Optional[str] = ...) -> None: ...
+
+class NewPassage(_message.Message):
+    __slots__ = ("id", "title", "text", "source")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    title: str
+    text: str
+    source: str
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class AddPassagesRequest(_message.Message):
+    __slots__ = ("passages",)
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    passages: _containers.RepeatedCompositeFieldContainer[NewPassage]
+    def __init__(self, passages: _Optional[_Iterable[_Union[NewPassage, _Mapping]]] = ...) -> None: ...
+
+class AddPassagesResponse(_message.Message):
+    __slots__ = ("ids", "passages", "sequence")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    passages: int
+    sequence: int
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., passages: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class DeletePassagesRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeletePassagesResponse(_message.Message):
+    __slots__ = ("deleted", "not_found", "passages", "sequence")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    deleted: _containers.RepeatedScalarFieldContainer[str]
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    passages: int
+    sequence: int
+    def __init__(self, deleted: _Optional[_Iterable[str]] = ..., not_found: _Optional[_Iterable[str]] = ..., passages: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class IndexStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class IndexStatsResponse(_message.Message):
+    __slots__ = ("index", "index_type", "passages", "vectors", "built", "added", "deleted", "sequence", "snapshot_sequence", "writable", "max_batch_passages", "max_text_chars")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    BUILT_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    index_type: str
+    passages: int
+    vectors: int
+    built: int
+    added: int
+    deleted: int
+    sequence: int
+    snapshot_sequence: int
+    writable: bool
+    max_batch_passages: int
+    max_text_chars: int
+    def __init__(self, index: _Optional[str] = ..., index_type: _Optional[str] = ..., passages: _Optional[int] = ..., vectors: _Optional[int] = ..., built: _Optional[int] = ..., added: _Optional[int] = ..., deleted: _Optional[int] = ..., sequence: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., writable: _Optional[bool] = ..., max_batch_passages: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...

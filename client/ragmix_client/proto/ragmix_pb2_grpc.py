@@ -229,3 +229,186 @@ class RagService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class IndexAdminStub:
+    """Changes to the index of a running server. Every RPC needs the admin token (the server's
+    --admin-token-file), sent as "authorization: Bearer <token>", even when RagService is open:
+    without a token UNAUTHENTICATED, with a token that is not an admin token PERMISSION_DENIED,
+    on a server started without --admin-token-file PERMISSION_DENIED.
+
+    A change is durable when acknowledged (committed to the index's change log, fsynced) and seen
+    by every request that starts after the reply; requests already running keep their passages.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AddPassages = channel.unary_unary(
+                '/ragmix.v1.IndexAdmin/AddPassages',
+                request_serializer=ragmix_dot_v1_dot_ragmix__pb2.AddPassagesRequest.SerializeToString,
+                response_deserializer=ragmix_dot_v1_dot_ragmix__pb2.AddPassagesResponse.FromString,
+                _registered_method=True)
+        self.DeletePassages = channel.unary_unary(
+                '/ragmix.v1.IndexAdmin/DeletePassages',
+                request_serializer=ragmix_dot_v1_dot_ragmix__pb2.DeletePassagesRequest.SerializeToString,
+                response_deserializer=ragmix_dot_v1_dot_ragmix__pb2.DeletePassagesResponse.FromString,
+                _registered_method=True)
+        self.IndexStats = channel.unary_unary(
+                '/ragmix.v1.IndexAdmin/IndexStats',
+                request_serializer=ragmix_dot_v1_dot_ragmix__pb2.IndexStatsRequest.SerializeToString,
+                response_deserializer=ragmix_dot_v1_dot_ragmix__pb2.IndexStatsResponse.FromString,
+                _registered_method=True)
+
+
+class IndexAdminServicer:
+    """Changes to the index of a running server. Every RPC needs the admin token (the server's
+    --admin-token-file), sent as "authorization: Bearer <token>", even when RagService is open:
+    without a token UNAUTHENTICATED, with a token that is not an admin token PERMISSION_DENIED,
+    on a server started without --admin-token-file PERMISSION_DENIED.
+
+    A change is durable when acknowledged (committed to the index's change log, fsynced) and seen
+    by every request that starts after the reply; requests already running keep their passages.
+    """
+
+    def AddPassages(self, request, context):
+        """Embeds the passages with the server's encoder and adds them, all or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePassages(self, request, context):
+        """Deletes passages by id, all found ones or none; ids not in the index are listed, not errors,
+        so a retried delete succeeds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IndexStats(self, request, context):
+        """Counts of the index and its change log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IndexAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AddPassages': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPassages,
+                    request_deserializer=ragmix_dot_v1_dot_ragmix__pb2.AddPassagesRequest.FromString,
+                    response_serializer=ragmix_dot_v1_dot_ragmix__pb2.AddPassagesResponse.SerializeToString,
+            ),
+            'DeletePassages': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePassages,
+                    request_deserializer=ragmix_dot_v1_dot_ragmix__pb2.DeletePassagesRequest.FromString,
+                    response_serializer=ragmix_dot_v1_dot_ragmix__pb2.DeletePassagesResponse.SerializeToString,
+            ),
+            'IndexStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.IndexStats,
+                    request_deserializer=ragmix_dot_v1_dot_ragmix__pb2.IndexStatsRequest.FromString,
+                    response_serializer=ragmix_dot_v1_dot_ragmix__pb2.IndexStatsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ragmix.v1.IndexAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ragmix.v1.IndexAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class IndexAdmin:
+    """Changes to the index of a running server. Every RPC needs the admin token (the server's
+    --admin-token-file), sent as "authorization: Bearer <token>", even when RagService is open:
+    without a token UNAUTHENTICATED, with a token that is not an admin token PERMISSION_DENIED,
+    on a server started without --admin-token-file PERMISSION_DENIED.
+
+    A change is durable when acknowledged (committed to the index's change log, fsynced) and seen
+    by every request that starts after the reply; requests already running keep their passages.
+    """
+
+    @staticmethod
+    def AddPassages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragmix.v1.IndexAdmin/AddPassages',
+            ragmix_dot_v1_dot_ragmix__pb2.AddPassagesRequest.SerializeToString,
+            ragmix_dot_v1_dot_ragmix__pb2.AddPassagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePassages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragmix.v1.IndexAdmin/DeletePassages',
+            ragmix_dot_v1_dot_ragmix__pb2.DeletePassagesRequest.SerializeToString,
+            ragmix_dot_v1_dot_ragmix__pb2.DeletePassagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IndexStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragmix.v1.IndexAdmin/IndexStats',
+            ragmix_dot_v1_dot_ragmix__pb2.IndexStatsRequest.SerializeToString,
+            ragmix_dot_v1_dot_ragmix__pb2.IndexStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

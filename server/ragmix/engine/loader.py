@@ -13,7 +13,7 @@ from ragmix.engine.observer import EngineObserver
 from ragmix.engine.request import Request
 from ragmix.engine.retrieval import RetrievalBatcher, Retriever
 from ragmix.index import IndexBundle
-from ragmix.index.bundle import ensure_default_index
+from ragmix.index.build import ensure_default_index
 from ragmix.index.types import SearchKnobs
 from ragmix.models import defaults
 from ragmix.models.encoder import Encoder

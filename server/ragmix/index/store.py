@@ -9,8 +9,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ragmix.errors import BundleError, NotFoundError, shown
 
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
@@ -127,18 +125,23 @@ class PassageStore:
             )
         return Passage(*found)
 
-    def rows_of(self, ids: Sequence[str]) -> np.ndarray:
-        """FAISS rows of the ids, in their order; NotFoundError naming the unknown ones."""
+    @property
+    def example_id(self) -> str:
+        return self._example
+
+    def find(self, ids: Sequence[str]) -> dict[str, int]:
+        """The FAISS row of each id the store holds (an indexed query); unknown ids are absent."""
         marks = ",".join("?" * len(ids))  # "IN ()" is valid SQLite: no ids, no rows
         with self._lock:
-            found = dict(
+            return dict(
                 self._con.execute(f"SELECT id, row FROM passages WHERE id IN ({marks})", list(ids))
             )
-        unknown = [i for i in ids if i not in found]
-        if unknown:
-            listed = ", ".join(shown(i) for i in unknown[:5]) + (" …" if len(unknown) > 5 else "")
-            raise NotFoundError(
-                f"unknown passage id(s) {listed} in index {self._name} "
-                f"(ids look like {self._example!r}; Retrieve returns them)."
-            )
-        return np.array([found[i] for i in ids], dtype=np.int64)  # ids
+
+
+def unknown_ids(unknown: Sequence[str], index: str, example: str) -> NotFoundError:
+    """The error for ids an index does not hold, naming the first few."""
+    listed = ", ".join(shown(i) for i in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+    return NotFoundError(
+        f"unknown passage id(s) {listed} in index {index} "
+        f"(ids look like {example!r}; Retrieve returns them)."
+    )

@@ -173,17 +173,21 @@ def check_knobs(kind: str, knobs: SearchKnobs, k: int, nlist: int = 0) -> None:
             )
 
 
-def search_parameters(kind: str, knobs: SearchKnobs, defaults: SearchKnobs, k: int) -> Any:
+def search_parameters(
+    kind: str, knobs: SearchKnobs, defaults: SearchKnobs, k: int, selector: Any = None
+) -> Any:
     """FAISS per-call SearchParameters: the request's knobs, else the server's, else ragmix's
-    defaults (None for flat). Per call, not set on the index, so concurrent requests with
-    different knobs share one index; efSearch is raised to k when lower, since HNSW cannot
-    return more than efSearch results."""
+    defaults, and the selector that masks deleted rows (None: none). Per call, not set on the
+    index, so concurrent requests with different knobs share one index; efSearch is raised to k
+    when lower, since HNSW cannot return more than efSearch results. None for flat without
+    deletions: FAISS's unfiltered path."""
     if kind == "hnsw":
         ef = knobs.ef_search or defaults.ef_search or DEFAULT_EF_SEARCH
-        return faiss.SearchParametersHNSW(efSearch=max(ef, k))
+        return faiss.SearchParametersHNSW(efSearch=max(ef, k), sel=selector)
     if kind == "ivfpq":
-        return faiss.SearchParametersIVF(nprobe=knobs.nprobe or defaults.nprobe or DEFAULT_NPROBE)
-    return None
+        nprobe = knobs.nprobe or defaults.nprobe or DEFAULT_NPROBE
+        return faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+    return None if selector is None else faiss.SearchParameters(sel=selector)
 
 
 DEFAULT_EF_SEARCH = 64

@@ -262,7 +262,7 @@ def _writing(out: Path, overwrite: bool) -> Iterator[Path]:
             yield tmp
             _fsync_tree(tmp)
             os.replace(tmp, out / version)
-            _fsync(out)
+            fsync_path(out)
             _write_pointer(out, version)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -343,10 +343,10 @@ def _write_pointer(out: Path, version: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / POINTER)
-    _fsync(out)
+    fsync_path(out)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -358,5 +358,5 @@ def _fsync_tree(folder: Path) -> None:
     """Flush every file of a finished version and the folder itself before it is named anywhere."""
     for p in folder.rglob("*"):
         if p.is_file():
-            _fsync(p)
-    _fsync(folder)
+            fsync_path(p)
+    fsync_path(folder)

@@ -17,6 +17,7 @@ import grpc
 
 from ragmix.errors import (
     BundleError,
+    ConflictError,
     NotFoundError,
     OverloadedError,
     RagmixError,
@@ -30,6 +31,7 @@ LOG = logging.getLogger(__name__)
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
