@@ -12,15 +12,20 @@
 
 from ragmix_client._connection import NO_RETRY, RetryPolicy
 from ragmix_client._version import __version__
+from ragmix_client.admin import IndexAdminClient
 from ragmix_client.aio import AsyncRagClient
 from ragmix_client.client import RagClient
 from ragmix_client.types import (
+    AddResult,
     Alternative,
     Answer,
+    DeleteResult,
     Done,
     Event,
+    IndexStats,
     Info,
     MixtureScore,
+    NewPassage,
     Passage,
     Passages,
     RagmixError,
@@ -33,13 +38,18 @@ from ragmix_client.types import (
 
 __all__ = [
     "NO_RETRY",
+    "AddResult",
     "Alternative",
     "Answer",
     "AsyncRagClient",
+    "DeleteResult",
     "Done",
     "Event",
+    "IndexAdminClient",
+    "IndexStats",
     "Info",
     "MixtureScore",
+    "NewPassage",
     "Passage",
     "Passages",
     "RagClient",

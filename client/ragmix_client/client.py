@@ -216,6 +216,17 @@ class RagClient(ClientBase):
 
     # --------------------------------------------------------------------------- helpers
 
+    def _once(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
+        """One attempt, never retried (for calls that are not safe to repeat)."""
+        try:
+            return method(
+                request,
+                timeout=self._deadline(timeout).remaining(),
+                metadata=self._conn.metadata,
+            )
+        except grpc.RpcError as e:
+            raise RagmixError.from_rpc(e) from None
+
     def _unary(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
         deadline = self._deadline(timeout)
         delays = self.retry.delays()

@@ -261,3 +261,66 @@ class AnswerBuilder:
     @staticmethod
     def missing_done() -> RagmixError:
         return RagmixError(grpc.StatusCode.UNKNOWN, "the stream ended without a done event")
+
+
+@dataclass(frozen=True)
+class NewPassage:
+    """A passage to add (IndexAdmin.AddPassages); id "" = the server makes one."""
+
+    title: str
+    text: str
+    id: str = ""
+    source: str = ""
+
+    def to_pb(self) -> pb.NewPassage:
+        return pb.NewPassage(id=self.id, title=self.title, text=self.text, source=self.source)
+
+
+@dataclass(frozen=True)
+class AddResult:
+    ids: list[str]  # of the added passages, in request order
+    passages: int  # searchable after the change
+    sequence: int  # the change log's sequence number after it
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    deleted: list[str]
+    not_found: list[str]  # never added, or already deleted
+    passages: int
+    sequence: int
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    """What the index holds (IndexAdmin.IndexStats)."""
+
+    index: str
+    index_type: str
+    passages: int  # searchable: built + added - deleted
+    vectors: int  # in FAISS, deleted ones included: built + added
+    built: int
+    added: int
+    deleted: int
+    sequence: int
+    snapshot_sequence: int
+    writable: bool
+    max_batch_passages: int
+    max_text_chars: int
+
+    @classmethod
+    def from_pb(cls, m: pb.IndexStatsResponse) -> IndexStats:
+        return cls(
+            m.index,
+            m.index_type,
+            m.passages,
+            m.vectors,
+            m.built,
+            m.added,
+            m.deleted,
+            m.sequence,
+            m.snapshot_sequence,
+            m.writable,
+            m.max_batch_passages,
+            m.max_text_chars,
+        )

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
@@ -228,6 +229,114 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         "--train-size", type=int, default=0, help="IVF-PQ training sample (0: 64 x nlist)"
     )
     b.set_defaults(func=_index_build)
+    _add_index_admin(isub)
+
+
+def _admin_parser(
+    isub: argparse._SubParsersAction, name: str, help: str
+) -> argparse.ArgumentParser:
+    a = isub.add_parser(name, help=help)
+    a.add_argument("--target", default="127.0.0.1:50051", help="server address H:P")
+    a.add_argument("--token", default=None, help="admin token (default: $RAGMIX_ADMIN_TOKEN)")
+    a.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    a.add_argument("--ca", default=None, help="PEM of the CA that signed the server's certificate")
+    a.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default 300)")
+    return a
+
+
+def _add_index_admin(isub: argparse._SubParsersAction) -> None:
+    a = _admin_parser(isub, "add", "chunk, embed and add files to a running server's index")
+    a.add_argument("sources", nargs="+", type=Path, help="files or folders (as index build)")
+    a.add_argument("--words", type=int, default=100, help="words per passage")
+    a.add_argument("--batch-size", type=int, default=0, help="passages per call (0: server max)")
+    a.add_argument(
+        "--server-ids",
+        action="store_true",
+        help="let the server name the passages (title@row) instead of sending title:chunk ids",
+    )
+    a.set_defaults(func=_index_add)
+    d = _admin_parser(isub, "delete", "delete passages by id from a running server's index")
+    d.add_argument("ids", nargs="+", help="passage ids (as Retrieve returns them)")
+    d.set_defaults(func=_index_delete)
+    s = _admin_parser(isub, "stats", "what a running server's index holds")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=_index_stats)
+
+
+def _admin_client(args: argparse.Namespace):  # -> IndexAdminClient
+    from ragmix_client import IndexAdminClient
+
+    return IndexAdminClient(
+        args.target,
+        token=args.token or os.environ.get("RAGMIX_ADMIN_TOKEN"),
+        tls=args.tls,
+        root_certificates=args.ca,
+        timeout=args.timeout,
+    )
+
+
+def _index_add(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ragmix.index.build import chunk_documents
+    from ragmix.index.sources import read_sources
+    from ragmix_client import NewPassage, RagmixError
+
+    passages = chunk_documents(read_sources(args.sources), args.words)
+    if not passages:
+        print("ragmix index add: the sources hold no text.", file=sys.stderr)
+        return 1
+    new = [
+        NewPassage(p.title, p.text, id="" if args.server_ids else p.id, source=p.source)
+        for p in passages
+    ]
+    added = 0
+    try:
+        with _admin_client(args) as admin, tqdm(total=len(new), unit="passage") as bar:
+            for result in admin.add_all(new, batch=args.batch_size):
+                added += len(result.ids)
+                bar.update(len(result.ids))
+    except RagmixError as e:
+        print(f"ragmix index add: {e.code.name}: {e.message}", file=sys.stderr)
+        if added:
+            print(f"({added} of {len(new)} passages were added before it)", file=sys.stderr)
+        return 1
+    print(f"added {added} passages; the index holds {result.passages}")
+    return 0
+
+
+def _index_delete(args: argparse.Namespace) -> int:
+    from ragmix_client import RagmixError
+
+    try:
+        with _admin_client(args) as admin:
+            result = admin.delete_passages(args.ids)
+    except RagmixError as e:
+        print(f"ragmix index delete: {e.code.name}: {e.message}", file=sys.stderr)
+        return 1
+    print(f"deleted {len(result.deleted)} passages; the index holds {result.passages}")
+    if result.not_found:
+        print(f"not in the index: {', '.join(result.not_found)}")
+    return 0
+
+
+def _index_stats(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ragmix_client import RagmixError
+
+    try:
+        with _admin_client(args) as admin:
+            stats = admin.stats()
+    except RagmixError as e:
+        print(f"ragmix index stats: {e.code.name}: {e.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(asdict(stats), indent=2))
+    else:
+        for k, v in asdict(stats).items():
+            print(f"{k:<20} {v}")
+    return 0
 
 
 def _index_build(args: argparse.Namespace) -> int:

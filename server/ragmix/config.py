@@ -107,6 +107,27 @@ class ServerConfig:
         default=None,
         metadata={"help": "file of bearer tokens, one per line; RPCs then need one (health open)"},
     )
+    admin_token_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "file of admin tokens, one per line: enables IndexAdmin (adding and "
+            "deleting passages online), which always needs one of them"
+        },
+    )
+    snapshot_changes: int = field(
+        default=1000,
+        metadata={"help": "with --admin-token-file: save the FAISS index after this many changes"},
+    )
+    snapshot_seconds: float = field(
+        default=60.0,
+        metadata={"help": "... or this many seconds after the first unsaved change"},
+    )
+    max_admin_batch: int = field(
+        default=256, metadata={"help": "most passages per AddPassages / ids per DeletePassages"}
+    )
+    max_passage_chars: int = field(
+        default=20_000, metadata={"help": "longest passage text AddPassages accepts"}
+    )
     config: str | None = field(default=None, metadata={"help": "TOML file with these settings"})
 
     def validate(self) -> ServerConfig:
@@ -120,6 +141,9 @@ class ServerConfig:
             "max_batch_rows",
             "max_batch_tokens",
             "max_prefill_tokens",
+            "snapshot_changes",
+            "max_admin_batch",
+            "max_passage_chars",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -158,6 +182,11 @@ class ServerConfig:
                 raise ValidationError(
                     name, f"{name} must be in [0, {hi}], got {getattr(self, name)}."
                 )
+        if not 0 < self.snapshot_seconds <= 86_400:
+            raise ValidationError(
+                "snapshot_seconds",
+                f"snapshot_seconds must be in (0, 86400], got {self.snapshot_seconds}.",
+            )
         if self.grace_seconds < 0:
             raise ValidationError(
                 "grace_seconds", f"grace_seconds must be >= 0, got {self.grace_seconds}."
@@ -190,7 +219,7 @@ class ServerConfig:
                 "tls_client_ca",
                 "tls_client_ca (mutual TLS) needs the server's own --tls-cert and --tls-key too.",
             )
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
             path = getattr(self, name)
             if path and not (Path(path).is_file() and os.access(path, os.R_OK)):
                 raise ValidationError(name, f"{name}: cannot read file {path}.")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from ragmix.config import ServerConfig
+from ragmix.engine.admin import AdminLimits, IndexAdmin
 from ragmix.engine.core import CoreConfig, EngineCore
 from ragmix.engine.observer import EngineObserver
 from ragmix.engine.outputs import DoneEvent, Event, PassagesEvent, RetrievedPassage, TokenEvent
@@ -58,6 +59,9 @@ class EngineConfig:
     max_batch_tokens: int = _default("max_batch_tokens")
     max_prefill_tokens: int = _default("max_prefill_tokens")
     passage_cache_bytes: int = _default("passage_cache_bytes")
+    admin: AdminLimits = field(
+        default_factory=lambda: AdminLimits(_SERVER.max_admin_batch, _SERVER.max_passage_chars)
+    )
 
     @staticmethod
     def limits_from(config: ServerConfig) -> Limits:
@@ -66,8 +70,13 @@ class EngineConfig:
     @classmethod
     def from_server(cls, config: ServerConfig) -> EngineConfig:
         """Every engine setting, taken by name from the validated server settings."""
-        values = {f.name: getattr(config, f.name) for f in fields(cls) if f.name != "limits"}
-        return cls(limits=cls.limits_from(config), **values)
+        values = {
+            f.name: getattr(config, f.name)
+            for f in fields(cls)
+            if f.name not in ("limits", "admin")
+        }
+        admin = AdminLimits(config.max_admin_batch, config.max_passage_chars)
+        return cls(limits=cls.limits_from(config), admin=admin, **values)
 
     def core(self) -> CoreConfig:
         names = [f.name for f in fields(SchedulerLimits)]
@@ -108,6 +117,7 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.core = EngineCore(generator, config.core(), self.observer, step_gate)
         self.passage_cache = self.core.passage_cache
+        self.admin = IndexAdmin(retrieval, config.admin, self._check_accepting)
         self._accepting = True
         self._ids = itertools.count()
 

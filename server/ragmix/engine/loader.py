@@ -12,7 +12,7 @@ from ragmix.engine.engine import Engine, EngineConfig
 from ragmix.engine.observer import EngineObserver
 from ragmix.engine.request import Request
 from ragmix.engine.retrieval import RetrievalBatcher, Retriever
-from ragmix.index import IndexBundle
+from ragmix.index import IndexBundle, SnapshotPolicy
 from ragmix.index.build import ensure_default_index
 from ragmix.index.types import SearchKnobs
 from ragmix.models import defaults
@@ -37,20 +37,20 @@ def load_engine(
         Path(config.generator) if config.generator else gen_dir, threads=threads
     )
     encoder = Encoder.load(Path(config.encoder) if config.encoder else enc_dir, threads=threads)
-    knobs = SearchKnobs(config.nprobe, config.ef_search)
-    if config.index:
-        index = IndexBundle.load(
-            Path(config.index), encoder_fingerprint=encoder.fingerprint, defaults=knobs
-        )
-    else:
-        index_dir = ensure_default_index(cache, encoder)
-        index = IndexBundle.load(index_dir, encoder_fingerprint=encoder.fingerprint, defaults=knobs)
+    index_dir = Path(config.index) if config.index else ensure_default_index(cache, encoder)
+    index = IndexBundle.load(
+        index_dir,
+        encoder_fingerprint=encoder.fingerprint,
+        defaults=SearchKnobs(config.nprobe, config.ef_search),
+        writable=config.admin_token_file is not None,  # IndexAdmin on: this server writes
+        snapshot_policy=SnapshotPolicy(config.snapshot_changes, config.snapshot_seconds),
+    )
     LOG.info(
         "loaded generator %s, encoder %s, index %s (%d passages)",
         generator.name,
         encoder.name,
         index.name,
-        index.size,
+        index.passages,
     )
     retrieval = RetrievalBatcher(Retriever(encoder, index), observer=observer)
     return Engine(generator, retrieval, EngineConfig.from_server(config), observer, step_gate)

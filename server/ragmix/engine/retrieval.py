@@ -12,8 +12,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from ragmix.models.encoder import Encoder
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def prior(scores: np.ndarray, temperature: float) -> np.ndarray:
@@ -88,20 +90,42 @@ class Retriever:
         return result
 
 
+@dataclass
+class _Search:
+    params: RetrievalParams
+    future: concurrent.futures.Future[tuple[list[RetrievedPassage], float]]
+
+
+@dataclass
+class _Change:
+    apply: Callable[[], object]
+    future: concurrent.futures.Future[object]
+
+
+class _Stop:
+    """Queued by close(): the worker ends after what was queued before it."""
+
+
+_STOP = _Stop()
+SNAPSHOT_RETRY_S = 30.0
+"""After a snapshot fails (a full disk), the wait before the next try; the log still holds every
+change, so serving goes on."""
+
+
 class RetrievalBatcher:
-    """A worker thread that drains the queue and retrieves everything waiting in one batch."""
+    """The one thread that uses the encoder and the index: it drains the queue, retrieves every
+    waiting query in one batch, applies index changes in order between batches (a change
+    acknowledged before a request is queued is seen by it), and saves snapshots when due."""
 
     def __init__(
         self, retriever: Retriever, max_batch: int = 64, observer: EngineObserver | None = None
     ) -> None:
         self.retriever = retriever
         self.max_batch = max_batch
-        self._queue: queue.Queue[
-            tuple[RetrievalParams, concurrent.futures.Future[tuple[list[RetrievedPassage], float]]]
-            | None
-        ] = queue.Queue()
+        self._queue: queue.Queue[_Search | _Change | _Stop] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ragmix-retrieval", daemon=True)
         self._closed = False
+        self._snapshot_retry_at = 0.0
         self.observer = observer or EngineObserver()
         self._thread.start()
 
@@ -113,44 +137,106 @@ class RetrievalBatcher:
         fut: concurrent.futures.Future[tuple[list[RetrievedPassage], float]] = (
             concurrent.futures.Future()
         )
-        self._queue.put((params, fut))
+        self._queue.put(_Search(params, fut))
         return await asyncio.wrap_future(fut)
 
+    async def change(self, apply: Callable[[], T]) -> T:
+        """Run `apply` (a change to the index) on the worker thread, between retrieval batches."""
+        if self._closed:
+            raise UnavailableError("the server is shutting down; retry on another replica.")
+        fut: concurrent.futures.Future[object] = concurrent.futures.Future()
+        self._queue.put(_Change(apply, fut))
+        return await asyncio.wrap_future(fut)  # type: ignore[return-value]
+
     def close(self) -> None:
+        """Stop the worker after what is queued; it saves a last snapshot of unsaved changes."""
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        self._queue.put(_STOP)
+        self._thread.join(timeout=300)
+
+    # --------------------------------------------------------------- the worker thread
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            batch = [(p, f) for p, f in batch if f.set_running_or_notify_cancel()]
-            if not batch:
+        item = self._next()
+        while not isinstance(item, _Stop):
+            if isinstance(item, _Change):
+                self._apply(item)
+                item = self._next()
                 continue
-            t0 = time.perf_counter()
+            batch, after = self._batch(item)
+            self._search(batch)
+            item = after if after is not None else self._next()
+        try:
+            self.retriever.index.close()
+        except Exception:
+            LOG.exception("closing index %s failed", self.retriever.index.name)
+
+    def _batch(self, first: _Search) -> tuple[list[_Search], _Change | _Stop | None]:
+        """`first` and the searches queued right behind it, up to max_batch; and the change or
+        stop that ended the run of searches, if one did (it goes after this batch)."""
+        batch = [first]
+        while len(batch) < self.max_batch:
             try:
-                results = self.retriever.retrieve_batch([p for p, _ in batch])
-            except Exception as e:
-                LOG.exception("retrieval batch of %d failed", len(batch))
-                for _, f in batch:
-                    f.set_exception(e)
-                continue
-            ms = (time.perf_counter() - t0) * 1e3
-            self.observer.on_retrieval(len(batch), ms / 1e3)
-            for (_, f), res in zip(batch, results, strict=True):
-                if isinstance(res, Exception):
-                    f.set_exception(res)
-                else:
-                    f.set_result((res, ms))
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, None
+            if not isinstance(nxt, _Search):
+                return batch, nxt
+            batch.append(nxt)
+        return batch, None
+
+    def _next(self) -> _Search | _Change | _Stop:
+        """The next queued item; while waiting, the snapshot when one falls due."""
+        while True:
+            due = self.retriever.index.snapshot_in()
+            if due is not None:
+                due = max(due, self._snapshot_retry_at - time.monotonic())
+            try:
+                return self._queue.get(timeout=due)
+            except queue.Empty:
+                self._snapshot()
+
+    def _snapshot(self) -> None:
+        try:
+            self.retriever.index.snapshot()
+        except Exception:
+            LOG.exception(
+                "snapshot of index %s failed; retrying in %.0f s (every change is in the log)",
+                self.retriever.index.name,
+                SNAPSHOT_RETRY_S,
+            )
+            self._snapshot_retry_at = time.monotonic() + SNAPSHOT_RETRY_S
+
+    def _apply(self, change: _Change) -> None:
+        if not change.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = change.apply()
+        except Exception as e:  # refusals (ConflictError) and failures go to the caller
+            change.future.set_exception(e)
+            return
+        change.future.set_result(result)
+        if self.retriever.index.snapshot_in() == 0.0 and time.monotonic() >= (
+            self._snapshot_retry_at
+        ):
+            self._snapshot()
+
+    def _search(self, batch: list[_Search]) -> None:
+        batch = [b for b in batch if b.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        try:
+            results = self.retriever.retrieve_batch([b.params for b in batch])
+        except Exception as e:
+            LOG.exception("retrieval batch of %d failed", len(batch))
+            for b in batch:
+                b.future.set_exception(e)
+            return
+        ms = (time.perf_counter() - t0) * 1e3
+        self.observer.on_retrieval(len(batch), ms / 1e3)
+        for b, res in zip(batch, results, strict=True):
+            if isinstance(res, Exception):
+                b.future.set_exception(res)
+            else:
+                b.future.set_result((res, ms))

@@ -78,10 +78,13 @@ def _final_code(
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
     """Outermost: request id in and out, the final status counted, one log line per RPC."""
 
-    def __init__(self, service: str, metrics: RpcMetrics | None) -> None:
+    def __init__(
+        self, service: str, metrics: RpcMetrics | None, also: tuple[str, ...] = ()
+    ) -> None:
         self.service = service
         self.metrics = metrics
-        self.in_flight = 0  # RagService RPCs running now; health and reflection streams excluded
+        self.counted = tuple(f"/{s}/" for s in (service, *also))  # logged at INFO, drained
+        self.in_flight = 0  # RagService (and `also`) RPCs running now; health, reflection excluded
 
     async def intercept_service(
         self,
@@ -92,7 +95,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED; no label for junk names
             return None
         rpc = _rpc_name(details.method, self.service)
-        ours = details.method.startswith(f"/{self.service}/")
+        ours = details.method.startswith(self.counted)
         rid = _request_id(details.invocation_metadata)
 
         def begin(context: grpc.aio.ServicerContext) -> tuple[float, str, float | None]:

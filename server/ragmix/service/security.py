@@ -1,7 +1,8 @@
 """TLS / mutual TLS credentials and bearer-token auth.
 
 Health and reflection stay open so load balancers and grpcurl work without a token; every
-RagService RPC needs "authorization: Bearer <token>" when a token file is configured.
+RagService RPC needs "authorization: Bearer <token>" when a token file is configured, and every
+IndexAdmin RPC always needs an admin token (--admin-token-file).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ragmix.errors import ValidationError
 from ragmix.service.interceptor import guarded
 
 LOG = logging.getLogger(__name__)
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 OPEN_SERVICES = (
     "/grpc.health.v1.Health/",
@@ -58,19 +61,18 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def load_tokens(path: str) -> list[bytes]:
+def load_tokens(path: str, name: str = "auth_token_file") -> list[bytes]:
     """Tokens, one per line; blank lines and '#' comments skipped. Several allow rotation."""
-    text = _read("auth_token_file", path).decode("utf-8", errors="replace")
+    text = _read(name, path).decode("utf-8", errors="replace")
     tokens = [line.strip() for line in text.splitlines()]
     tokens = [t for t in tokens if t and not t.startswith("#")]
     if not tokens:
-        raise ValidationError("auth_token_file", f"auth_token_file: {path} holds no token.")
+        raise ValidationError(name, f"{name}: {path} holds no token.")
     bad = [i for i, t in enumerate(tokens) if any(c.isspace() for c in t)]
     if bad:
         raise ValidationError(
-            "auth_token_file",
-            f"auth_token_file: token {bad[0] + 1} in {path} contains whitespace; "
-            "write one token per line.",
+            name,
+            f"{name}: token {bad[0] + 1} in {path} contains whitespace; write one token per line.",
         )
     return [t.encode() for t in tokens]
 
@@ -84,26 +86,65 @@ def token_accepted(given: bytes, tokens: list[bytes]) -> bool:
     return ok
 
 
+ADMIN_SERVICE = "/ragmix.v1.IndexAdmin/"
+
+
+def _bearer(metadata: Any) -> tuple[bytes | None, str | None]:
+    """(token, None), or (None, why the authorization metadata is missing or malformed)."""
+    values = [v for k, v in metadata or () if k == "authorization"]
+    if not values:
+        return None, "send metadata 'authorization: Bearer <token>'"
+    scheme, _, token = str(values[0]).strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None, "the authorization metadata must read 'Bearer <token>'"
+    return token.strip().encode(), None
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects RagService RPCs without an accepted bearer token, with UNAUTHENTICATED, before the
-    servicer runs."""
+    """Refuses calls without an accepted bearer token before the servicer runs.
 
-    def __init__(self, tokens: list[bytes]) -> None:
-        self.tokens = tokens
+    RagService needs a serving token when a token file is configured (`serving`; None = open).
+    IndexAdmin always needs an admin token: on a server without admin tokens it is refused with
+    PERMISSION_DENIED, a missing or unknown token is UNAUTHENTICATED, and a serving token (known,
+    but not allowed to change the index) is PERMISSION_DENIED. Health and reflection stay open.
+    """
 
-    def _refusal(self, metadata: Any) -> str | None:
-        values = [v for k, v in metadata or () if k == "authorization"]
-        if not values:
-            return (
-                "this server needs a bearer token: send metadata 'authorization: Bearer <token>' "
-                "(ragmix ask --token, or RAGMIX_TOKEN)."
+    def __init__(self, serving: list[bytes] | None, admin: list[bytes] | None = None) -> None:
+        self.serving = serving
+        self.admin = admin
+
+    def _serving_refusal(self, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
+        if self.serving is None:
+            return None
+        token, problem = _bearer(metadata)
+        if token is None:
+            return UNAUTHENTICATED, (
+                f"this server needs a bearer token: {problem} (ragmix ask --token, or RAGMIX_TOKEN)."
             )
-        scheme, _, token = str(values[0]).strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return "the authorization metadata must read 'Bearer <token>'."
-        if not token_accepted(token.strip().encode(), self.tokens):
-            return "the bearer token was not accepted; check it against the server's token file."
+        if not token_accepted(token, self.serving):
+            return UNAUTHENTICATED, (
+                "the bearer token was not accepted; check it against the server's token file."
+            )
         return None
+
+    def _admin_refusal(self, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
+        if self.admin is None:
+            return PERMISSION_DENIED, (
+                "this server does not accept index changes: start it with --admin-token-file."
+            )
+        token, problem = _bearer(metadata)
+        if token is None:
+            return UNAUTHENTICATED, f"IndexAdmin needs the admin token: {problem}."
+        if token_accepted(token, self.admin):
+            return None
+        if self.serving and token_accepted(token, self.serving):
+            return PERMISSION_DENIED, (
+                "this token may use RagService but not IndexAdmin; send an admin token "
+                "(the server's --admin-token-file)."
+            )
+        return UNAUTHENTICATED, (
+            "the admin token was not accepted; check it against the server's admin token file."
+        )
 
     async def intercept_service(
         self,
@@ -113,14 +154,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_SERVICES):
             return handler
-        message = self._refusal(details.invocation_metadata)
-        if message is None:
+        metadata = details.invocation_metadata
+        if details.method.startswith(ADMIN_SERVICE):
+            refusal = self._admin_refusal(metadata)
+        else:
+            refusal = self._serving_refusal(metadata)
+        if refusal is None:
             return handler
+        code, message = refusal
 
         @contextlib.asynccontextmanager
         async def refuse(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await context.abort(code, message)
             yield  # pragma: no cover - abort raises: the servicer never runs
 
-        # Streaming requests pass through unchecked: RagService has none.
+        # Streaming requests pass through unchecked: neither service has them.
         return guarded(handler, refuse)

@@ -17,6 +17,7 @@ from ragmix.config import ServerConfig
 from ragmix.engine.engine import Engine
 from ragmix.engine.loader import load_engine
 from ragmix.service.access_log import ObservingInterceptor, configure_logs
+from ragmix.service.admin import IndexAdminServicer
 from ragmix.service.errors import ErrorInterceptor
 from ragmix.service.prometheus import PrometheusObserver, RpcMetrics, serve_metrics
 from ragmix.service.security import AuthInterceptor, load_tokens, server_credentials
@@ -27,6 +28,7 @@ from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 LOG = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RagService"].full_name  # "ragmix.v1.RagService"
+ADMIN_NAME = pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name  # "ragmix.v1.IndexAdmin"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -43,7 +45,7 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
         encoder=f"{e.name} (sha256 {e.fingerprint[:12]})",
         index=idx.name,
         index_type=idx.index_type,
-        passages=idx.size,
+        passages=idx.passages,
         max_top_k=lim.max_top_k,
         max_new_tokens=lim.max_new_tokens,
         max_query_chars=lim.max_query_chars,
@@ -67,7 +69,18 @@ async def serve(
     # Credentials, tokens and the metrics port are checked before the slow model load.
     credentials = server_credentials(config)
     tokens = load_tokens(config.auth_token_file) if config.auth_token_file else None
-    if tokens and credentials is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+    admin_tokens = (
+        load_tokens(config.admin_token_file, "admin_token_file")
+        if config.admin_token_file
+        else None
+    )
+    if admin_tokens and tokens and set(admin_tokens) & set(tokens):
+        LOG.warning("a token is in both --auth-token-file and --admin-token-file: it can do both")
+    if (
+        (tokens or admin_tokens)
+        and credentials is None
+        and config.host not in ("127.0.0.1", "localhost", "::1")
+    ):
         LOG.warning("bearer tokens travel in clear text: serving on %s without TLS", config.host)
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)
@@ -79,12 +92,14 @@ async def serve(
     engine = await asyncio.to_thread(load_engine, config, observer, step_gate)
     engine.start()
 
-    observing = ObservingInterceptor(SERVICE_NAME, rpc_metrics)
-    # Order: request id and final status around everything; auth refuses before the servicer.
-    interceptors: list[grpc.aio.ServerInterceptor] = [observing]
-    if tokens:
-        interceptors.append(AuthInterceptor(tokens))
-    interceptors.append(ErrorInterceptor())
+    observing = ObservingInterceptor(SERVICE_NAME, rpc_metrics, also=(ADMIN_NAME,))
+    # Order: request id and final status around everything; auth refuses before the servicer
+    # (always installed: IndexAdmin is refused even on a server without any token).
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        observing,
+        AuthInterceptor(tokens, admin_tokens),
+        ErrorInterceptor(),
+    ]
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -93,10 +108,14 @@ async def serve(
         ],
     )
     pb_grpc.add_RagServiceServicer_to_server(RagServicer(engine, info_for(engine, config)), server)
+    index = engine.retrieval.retriever.index
+    pb_grpc.add_IndexAdminServicer_to_server(
+        IndexAdminServicer(engine.admin, index.name, index.index_type), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, ADMIN_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
     if credentials is None:
@@ -111,13 +130,14 @@ async def serve(
     # Tests and scripts read this line to find the port when --port 0 picked one.
     print(f"ragmix serving on {config.host}:{port}", flush=True)
     LOG.info(
-        "serving %s on %s:%d (%s%s%s)",
+        "serving %s on %s:%d (%s%s%s%s)",
         SERVICE_NAME,
         config.host,
         port,
         "plaintext" if credentials is None else "TLS",
         ", client certificates required" if config.tls_client_ca else "",
         f", {len(tokens)} bearer token(s)" if tokens else "",
+        f", IndexAdmin with {len(admin_tokens)} admin token(s)" if admin_tokens else "",
     )
     if metrics_server is not None:
         LOG.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)

@@ -48,4 +48,7 @@ class RagServicer(pb_grpc.RagServiceServicer):
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetInfoResponse:
-        return self.info
+        info = pb.GetInfoResponse()
+        info.CopyFrom(self.info)
+        info.passages = self.engine.retrieval.retriever.index.passages  # changes with IndexAdmin
+        return info
