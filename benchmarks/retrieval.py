@@ -539,6 +539,9 @@ def build(spec: IndexSpec, vectors: np.ndarray, work: Path) -> tuple[Any, dict[s
         t0 = time.perf_counter()
         index, details = types.build(spec, vectors)
         seconds = time.perf_counter() - t0
+    polysemous = spec.type == "ivfpq" and bool(
+        faiss.extract_index_ivf(index).do_polysemous_training
+    )
     grown = rss_bytes() - rss.start
     path = work / f"{spec.type}.faiss"
     faiss.write_index(index, str(path))
@@ -546,9 +549,6 @@ def build(spec: IndexSpec, vectors: np.ndarray, work: Path) -> tuple[Any, dict[s
     release_memory()
     served = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     train = details.get("training", {}).get("seconds", 0.0)
-    polysemous = spec.type == "ivfpq" and bool(
-        faiss.extract_index_ivf(served).do_polysemous_training
-    )
     record = {
         "type": spec.type,
         "factory": details["factory"],

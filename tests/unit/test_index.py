@@ -85,6 +85,33 @@ def test_short_tail_joins_the_previous_chunk() -> None:
         chunk_words("a b", 0)
 
 
+def test_chunks_end_at_the_sentence_end_nearest_to_100_words() -> None:
+    def sentence(n: int, i: int) -> str:
+        return "Word " + " ".join(f"w{i}x{k}" for k in range(n - 1)) + "."
+
+    # sentences of 30 words: ends after 90 and 120 words; 90 is nearer to 100
+    text = " ".join(sentence(30, i) for i in range(10))
+    chunks = chunk_words(text)
+    assert [len(c.split()) for c in chunks] == [90, 90, 120]
+    assert all(c.endswith(".") and c[0] == "W" for c in chunks)
+    assert " ".join(chunks) == text  # whole words, nothing lost or doubled
+
+
+def test_without_a_sentence_end_in_reach_the_cut_is_at_100_words_and_never_in_a_word() -> None:
+    long_sentence = " ".join(["supercalifragilistic"] * 180) + "."
+    chunks = chunk_words(long_sentence)
+    assert [len(c.split()) for c in chunks] == [100, 80]
+    assert all(w == "supercalifragilistic" for c in chunks for w in c.rstrip(".").split())
+
+
+def test_abbreviations_and_decimals_are_not_sentence_ends_but_blank_lines_are() -> None:
+    a = " ".join(["alpha"] * 85) + " e.g. beta 3.14 " + " ".join(["gamma"] * 20)
+    b = " ".join(["delta"] * 40)
+    chunks = chunk_words(f"{a}\n\n{b} end")
+    assert chunks[0].endswith("gamma") and len(chunks[0].split()) == 108
+    assert chunks[1].startswith("delta")
+
+
 # sources -------------------------------------------------------------------------------------
 
 
