@@ -567,3 +567,28 @@ def test_a_request_cancelled_while_queued_is_counted_and_frees_its_place(parts, 
     assert isinstance(events[-1], DoneEvent)
     assert sorted(observer.reasons) == ["cancelled", "length"]
     assert not e.core.scheduler.waiting
+
+
+def test_a_raising_step_gate_fails_the_requests_in_flight_and_the_loop_goes_on(parts, ids):
+    """The CI hang of test_drain: a step gate (a hook on the engine thread) that raised once
+    killed the engine thread, and every stream then waited for its deadline."""
+
+    class RaisesOnce(Gate):
+        raised = False
+
+        def __call__(self, running) -> None:
+            self.opened.wait()
+            if not self.raised and any(getattr(r, "tokens", None) for r in running):
+                self.raised = True  # a request is decoding: it is in flight, not queued
+                raise ValueError("invalid literal for int() with base 10: ''")
+
+    gate = RaisesOnce()
+    e = make_engine(parts, step_gate=gate)
+    try:
+        (first,) = together(e, gate, collect(e, QUESTION, ids[:2]))
+        assert isinstance(first, ValueError)
+        assert e.core._thread.is_alive()
+        after = asyncio.run(collect(e, QUESTION, ids[:2]))
+        assert isinstance(after[-1], DoneEvent) and token_ids(after)
+    finally:
+        e.shutdown()
