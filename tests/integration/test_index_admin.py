@@ -12,7 +12,7 @@ import sys
 import grpc
 import pytest
 from conftest import start_server, stop_server
-from servers import tiny_args
+from servers import free_port, scrape, tiny_args
 
 from ragmix_client import IndexAdminClient, NewPassage, RagClient, RagmixError
 from ragmix_client.proto import ragmix_pb2 as pb
@@ -36,8 +36,10 @@ def admin_server(tiny_generator_dir, tiny_encoder_dir, tiny_index_dir, tmp_path_
         tiny_generator_dir, tiny_encoder_dir, index,
         *("--admin-token-file", str(folder / "admin"), "--auth-token-file", str(folder / "serving")),
         *("--max-admin-batch", "4", "--max-passage-chars", "300"),
+        *("--metrics-port", str(port := free_port())),
     )  # fmt: skip
     server = start_server(args, folder / "server.log")
+    server.metrics_port = port
     yield server
     stop_server(server)
 
@@ -86,6 +88,7 @@ def test_added_passages_are_retrieved_at_once_and_deleted_ones_are_gone(admin_se
     ):
         before = admin.stats()
         assert before.writable and before.passages == before.built == client.info().passages
+        metrics = scrape(admin_server.metrics_port)
         added = admin.add_passages(NEW)
         assert (
             added.ids[0] == "walrus:0" and added.ids[1] == f"match-statement@{before.vectors + 1}"
@@ -111,6 +114,11 @@ def test_added_passages_are_retrieved_at_once_and_deleted_ones_are_gone(admin_se
         stats = admin.stats()
         assert (stats.added, stats.deleted, stats.sequence) == (2, 2, 4)
         assert stats.vectors == stats.built + 2 and stats.passages == stats.vectors - 2
+        after = scrape(admin_server.metrics_port)
+        for kind in ("add", "delete"):
+            key = f'ragmix_index_changes_total{{kind="{kind}"}}'
+            assert after[key] - metrics.get(key, 0) == 2
+        assert after["ragmix_index_passages"] == stats.passages
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ragmix.engine.observer import EngineObserver
 from ragmix.engine.retrieval import RetrievalBatcher
 from ragmix.errors import BundleError, ValidationError, shown
 from ragmix.index.bundle import IndexBundle, IndexCounts
@@ -93,9 +94,12 @@ class IndexAdmin:
         retrieval: RetrievalBatcher,
         limits: AdminLimits,
         check_accepting: Callable[[], None] = lambda: None,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.retrieval = retrieval
         self.limits = limits
+        self.observer = observer or EngineObserver()
+        self.observer.on_index_change("load", 0, self._index.passages)
         self._check_accepting = check_accepting  # UnavailableError while the server drains
 
     @property
@@ -121,7 +125,9 @@ class IndexAdmin:
             ids, seq = self._index.add(passages, vectors)
             return Added(ids, self._index.passages, seq)
 
-        return await self.retrieval.change(apply)
+        added = await self.retrieval.change(apply)
+        self.observer.on_index_change("add", len(added.ids), added.passages)
+        return added
 
     async def delete(self, ids: Sequence[str]) -> Deleted:
         """Delete passages by id, durable when this returns; unknown ids are reported."""
@@ -132,7 +138,9 @@ class IndexAdmin:
             deleted, missing, seq = self._index.delete(ids)
             return Deleted(deleted, missing, self._index.passages, seq)
 
-        return await self.retrieval.change(apply)
+        deleted = await self.retrieval.change(apply)
+        self.observer.on_index_change("delete", len(deleted.deleted), deleted.passages)
+        return deleted
 
     async def stats(self) -> IndexCounts:
         return await self.retrieval.change(self._index.counts)

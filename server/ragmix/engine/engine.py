@@ -117,7 +117,7 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.core = EngineCore(generator, config.core(), self.observer, step_gate)
         self.passage_cache = self.core.passage_cache
-        self.admin = IndexAdmin(retrieval, config.admin, self._check_accepting)
+        self.admin = IndexAdmin(retrieval, config.admin, self._check_accepting, self.observer)
         self._accepting = True
         self._ids = itertools.count()
 

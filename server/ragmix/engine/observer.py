@@ -31,3 +31,10 @@ class EngineObserver:
 
     def on_finish(self, reason: str, generated_tokens: int) -> None:
         """A request ended: 'length', 'eos', 'stop', 'cancelled' or 'error'."""
+
+    def on_index_change(self, kind: str, passages: int, searchable: int) -> None:
+        """`passages` passages were added or deleted (kind 'add' or 'delete'; 0 at load);
+        `searchable` is what a search can now return."""
+
+    def on_snapshot(self, seconds: float) -> None:
+        """The index writer saved its FAISS snapshot, in `seconds` (searches wait meanwhile)."""

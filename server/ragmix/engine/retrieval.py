@@ -197,8 +197,10 @@ class RetrievalBatcher:
                 self._snapshot()
 
     def _snapshot(self) -> None:
+        t0 = time.perf_counter()
         try:
             self.retriever.index.snapshot()
+            self.observer.on_snapshot(time.perf_counter() - t0)
         except Exception:
             LOG.exception(
                 "snapshot of index %s failed; retrying in %.0f s (every change is in the log)",

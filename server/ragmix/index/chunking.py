@@ -57,9 +57,7 @@ def chunk_words(text: str, words: int = 100) -> list[str]:
     ends = sentence_ends(text, spans)
     bounds, start = [], 0
     while start < len(spans):
-        stop = (
-            len(spans) if len(spans) - start <= words * (1 + SLACK) else _cut(ends, start, words)
-        )
+        stop = len(spans) if len(spans) - start <= words * (1 + SLACK) else _cut(ends, start, words)
         bounds.append((start, stop))
         start = stop
     return [text[spans[a][0] : spans[b - 1][1]] for a, b in bounds]

@@ -94,6 +94,21 @@ class PrometheusObserver(EngineObserver):
         self.generated_tokens = Counter(
             "ragmix_generated_tokens", "Tokens generated, all requests.", registry=r
         )
+        self.index_passages = Gauge(
+            "ragmix_index_passages", "Passages a search can return.", registry=r
+        )
+        self.index_changes = Counter(
+            "ragmix_index_changes",
+            "Passages added or deleted online (IndexAdmin).",
+            ["kind"],
+            registry=r,
+        )
+        self.snapshot_seconds = Histogram(
+            "ragmix_index_snapshot_seconds",
+            "FAISS snapshot writes (retrieval waits meanwhile).",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
+            registry=r,
+        )
         self.finished = Counter(
             "ragmix_finished_requests",
             "Requests that left the engine, by finish reason.",
@@ -134,6 +149,14 @@ class PrometheusObserver(EngineObserver):
     def on_finish(self, reason: str, generated_tokens: int) -> None:
         self.finished.labels(reason).inc()
         self.generated_tokens.inc(generated_tokens)
+
+    def on_index_change(self, kind: str, passages: int, searchable: int) -> None:
+        if passages:
+            self.index_changes.labels(kind).inc(passages)
+        self.index_passages.set(searchable)
+
+    def on_snapshot(self, seconds: float) -> None:
+        self.snapshot_seconds.observe(seconds)
 
 
 class RpcMetrics:
