@@ -539,9 +539,7 @@ def build(spec: IndexSpec, vectors: np.ndarray, work: Path) -> tuple[Any, dict[s
         t0 = time.perf_counter()
         index, details = types.build(spec, vectors)
         seconds = time.perf_counter() - t0
-    polysemous = spec.type == "ivfpq" and bool(
-        faiss.extract_index_ivf(index).do_polysemous_training
-    )
+    polysemous = spec.type == "ivfpq" and bool(faiss.downcast_index(index).do_polysemous_training)
     grown = rss_bytes() - rss.start
     path = work / f"{spec.type}.faiss"
     faiss.write_index(index, str(path))
