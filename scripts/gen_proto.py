@@ -5,7 +5,8 @@
 
 protoc names the modules after the proto path (`ragmix.v1`), which would collide with the server
 package `ragmix`; the gRPC module's import is rewritten to a relative one so the stubs live inside
-`ragmix_client.proto` and the descriptor keeps its canonical name (reflection shows ragmix/v1/ragmix.proto).
+`ragmix_client.proto` and the descriptor keeps its canonical name (reflection shows ragmix/v1/ragmix.proto),
+and the message classes name that module as theirs, so they pickle.
 The module is public: the SDK, the server and the benchmarks import the stubs from it.
 """
 
@@ -43,6 +44,9 @@ def generate(out: Path) -> None:
         for name in FILES:
             text = (gen / name).read_text()
             text = text.replace("from ragmix.v1 import ragmix_pb2", "from . import ragmix_pb2")
+            # The message classes' __module__ is where they live, so they pickle (a Ray Serve
+            # replica receives them that way); the descriptors keep the package ragmix.v1.
+            text = text.replace("'ragmix.v1.ragmix_pb2'", "'ragmix_client.proto.ragmix_pb2'")
             (out / name).write_text(text)
     init = out / "__init__.py"
     init.write_text(

@@ -197,6 +197,7 @@ class Info:
     max_concurrent_requests: int
     max_queued_requests: int
     index_type: str = "flat"  # "flat", "hnsw" or "ivfpq"
+    replica: str = ""  # which replica answered, on a Ray Serve cluster; "" on one server
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -215,6 +216,7 @@ class Info:
             m.max_concurrent_requests,
             m.max_queued_requests,
             m.index_type or "flat",
+            m.replica,
         )
 
 

@@ -38,6 +38,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Start the ragmix gRPC server. Every flag can also be set as RAGMIX_<NAME> "
         "(e.g. RAGMIX_MAX_TOP_K=10) or in a TOML file given with --config.",
     )
+    _add_config_flags(p)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """A flag per ServerConfig field (None = not given: the environment, file or default)."""
     for f in fields(ServerConfig):
         default = f.default if f.default is not MISSING else None
         kind = str(f.type)
@@ -49,8 +56,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
             metavar=f.name.split("_")[-1].upper(),
             help=f.metadata.get("help", "") + ("" if default is None else f" (default: {default})"),
         )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=_serve)
 
 
 def _serve(
@@ -63,6 +68,83 @@ def _serve(
     from ragmix.service.server import serve
 
     asyncio.run(serve(config, step_gate))
+    return 0
+
+
+# ------------------------------------------------------------------------------------- cluster
+
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="serve on Ray Serve: replicas across machines")
+    csub = p.add_subparsers(dest="cluster_cmd", required=True)
+    s = csub.add_parser(
+        "serve",
+        help="start (or join) a Ray cluster and deploy ragmix replicas behind Ray's gRPC proxy",
+        description="The same RagService on Ray Serve's gRPC port; every `ragmix serve` flag "
+        "applies to each replica (--host: where the proxy listens; --port is unused).",
+    )
+    _add_cluster_flags(s)
+    s.add_argument("--address", default=None, help="Ray cluster to join (default: start one)")
+    s.add_argument(
+        "--ray-num-cpus", type=int, default=None, help="CPUs of a local cluster (default: all)"
+    )
+    s.add_argument("--http-port", type=int, default=8000, help="Ray Serve's HTTP proxy port")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_cluster_serve)
+    c = csub.add_parser(
+        "config", help="write the Ray Serve config YAML of the same deployment (serve deploy)"
+    )
+    _add_cluster_flags(c)
+    c.add_argument("--out", type=Path, default=None, help="file to write (default: stdout)")
+    c.set_defaults(func=_cluster_config)
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scale-out")
+    g.add_argument("--replicas", type=int, default=1, help="engines (default 1)")
+    g.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale replicas")
+    g.add_argument("--grpc-port", type=int, default=9000, help="Ray's gRPC proxy port (9000)")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (1)")
+    g.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (0)")
+    _add_config_flags(p)
+
+
+def _cluster_settings(args: argparse.Namespace):  # -> (ServerConfig, Scaling)
+    from ragmix.cluster.app import Scaling
+
+    config = load_config({f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    scaling = Scaling.parse(
+        args.replicas,
+        args.autoscale,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus,
+    )
+    return config, scaling
+
+
+def _cluster_serve(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from ragmix.cluster.run import serve_forever
+
+    config, scaling = _cluster_settings(args)
+    serve_forever(
+        config,
+        scaling,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        address=args.address,
+        num_cpus=args.ray_num_cpus,
+    )
+    return 0
+
+
+def _cluster_config(args: argparse.Namespace) -> int:
+    from ragmix.cluster.run import write_config
+
+    config, scaling = _cluster_settings(args)
+    text = write_config(config, scaling, args.grpc_port, args.out)
+    if args.out is None:
+        sys.stdout.write(text)
     return 0
 
 
@@ -479,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"ragmix {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_serve(sub)
+    _add_cluster(sub)
     _add_ask(sub)
     _add_index(sub)
     _add_models(sub)

@@ -21,6 +21,10 @@ class ValidationError(RagmixError, ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickled whole, so it crosses a process boundary (a Ray Serve replica) intact."""
+        return type(self), (self.param, str(self))
+
 
 class NotFoundError(RagmixError, LookupError):
     """Something a request names does not exist (a passage id). Maps to NOT_FOUND."""

@@ -132,14 +132,14 @@ def test_reflection_lists_and_describes_the_service(channel):
     ]
     listed, described = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
     names = {s.name for s in listed.list_services_response.service}
-    assert {"ragmix.v1.RagService", "grpc.health.v1.Health"} <= names
+    assert {"ragmix.v1.RagService", "ragmix.v1.IndexAdmin", "grpc.health.v1.Health"} <= names
     from google.protobuf import descriptor_pb2
 
     fd = descriptor_pb2.FileDescriptorProto.FromString(
         described.file_descriptor_response.file_descriptor_proto[0]
     )
     assert fd.name == "ragmix/v1/ragmix.proto"
-    assert [s.name for s in fd.service] == ["RagService"]
+    assert [s.name for s in fd.service] == ["RagService", "IndexAdmin"]
 
 
 def test_ask_cli_streams_an_answer(tiny_server):

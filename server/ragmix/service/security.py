@@ -100,6 +100,46 @@ def _bearer(metadata: Any) -> tuple[bytes | None, str | None]:
     return token.strip().encode(), None
 
 
+Refusal = tuple[grpc.StatusCode, str] | None
+
+
+def serving_refusal(tokens: list[bytes] | None, metadata: Any) -> Refusal:
+    """Why a RagService call may not run (None: it may); `tokens` None = serving auth off."""
+    if tokens is None:
+        return None
+    token, problem = _bearer(metadata)
+    if token is None:
+        return UNAUTHENTICATED, (
+            f"this server needs a bearer token: {problem} (ragmix ask --token, or RAGMIX_TOKEN)."
+        )
+    if not token_accepted(token, tokens):
+        return UNAUTHENTICATED, (
+            "the bearer token was not accepted; check it against the server's token file."
+        )
+    return None
+
+
+def admin_refusal(admin: list[bytes] | None, serving: list[bytes] | None, metadata: Any) -> Refusal:
+    """Why an IndexAdmin call may not run: it always needs an admin token."""
+    if admin is None:
+        return PERMISSION_DENIED, (
+            "this server does not accept index changes: start it with --admin-token-file."
+        )
+    token, problem = _bearer(metadata)
+    if token is None:
+        return UNAUTHENTICATED, f"IndexAdmin needs the admin token: {problem}."
+    if token_accepted(token, admin):
+        return None
+    if serving and token_accepted(token, serving):
+        return PERMISSION_DENIED, (
+            "this token may use RagService but not IndexAdmin; send an admin token "
+            "(the server's --admin-token-file)."
+        )
+    return UNAUTHENTICATED, (
+        "the admin token was not accepted; check it against the server's admin token file."
+    )
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without an accepted bearer token before the servicer runs.
 
@@ -113,39 +153,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.serving = serving
         self.admin = admin
 
-    def _serving_refusal(self, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
-        if self.serving is None:
-            return None
-        token, problem = _bearer(metadata)
-        if token is None:
-            return UNAUTHENTICATED, (
-                f"this server needs a bearer token: {problem} (ragmix ask --token, or RAGMIX_TOKEN)."
-            )
-        if not token_accepted(token, self.serving):
-            return UNAUTHENTICATED, (
-                "the bearer token was not accepted; check it against the server's token file."
-            )
-        return None
-
-    def _admin_refusal(self, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
-        if self.admin is None:
-            return PERMISSION_DENIED, (
-                "this server does not accept index changes: start it with --admin-token-file."
-            )
-        token, problem = _bearer(metadata)
-        if token is None:
-            return UNAUTHENTICATED, f"IndexAdmin needs the admin token: {problem}."
-        if token_accepted(token, self.admin):
-            return None
-        if self.serving and token_accepted(token, self.serving):
-            return PERMISSION_DENIED, (
-                "this token may use RagService but not IndexAdmin; send an admin token "
-                "(the server's --admin-token-file)."
-            )
-        return UNAUTHENTICATED, (
-            "the admin token was not accepted; check it against the server's admin token file."
-        )
-
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -156,9 +163,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = details.invocation_metadata
         if details.method.startswith(ADMIN_SERVICE):
-            refusal = self._admin_refusal(metadata)
+            refusal = admin_refusal(self.admin, self.serving, metadata)
         else:
-            refusal = self._serving_refusal(metadata)
+            refusal = serving_refusal(self.serving, metadata)
         if refusal is None:
             return handler
         code, message = refusal
