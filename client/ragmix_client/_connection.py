@@ -74,6 +74,7 @@ class Connection:
         keepalive_timeout: float,
         max_message_bytes: int,
         options: Sequence[tuple[str, Any]],
+        application: str | None = None,
     ) -> Connection:
         if (certificate_chain is None) != (private_key is None):
             raise ValueError("mutual TLS needs both certificate_chain and private_key.")
@@ -98,7 +99,11 @@ class Connection:
                 ("grpc.http2.max_pings_without_data", 0),
             ]
         opts += list(options)  # caller's raw options win
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        if application:  # Ray Serve's gRPC proxy picks the application by this key
+            metadata += (("application", application),)
         return cls(target, credentials, opts, metadata)
 
 
@@ -117,6 +122,8 @@ class ClientBase:
         keepalive_timeout: seconds to wait for a ping's answer before the connection is dropped.
         max_message_bytes: largest message sent or received.
         options: raw gRPC channel options, applied last.
+        application: sent as "application" metadata, which Ray Serve's gRPC proxy routes by when
+            it serves several applications (`ragmix cluster serve` names its own "ragmix").
     """
 
     _grpc: Any  # the module whose channels this client opens: grpc or grpc.aio
@@ -136,6 +143,7 @@ class ClientBase:
         keepalive_timeout: float = 20.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        application: str | None = None,
     ) -> None:
         self._conn = Connection.build(
             target,
@@ -148,6 +156,7 @@ class ClientBase:
             keepalive_timeout=keepalive_timeout,
             max_message_bytes=max_message_bytes,
             options=options,
+            application=application,
         )
         self.target = target
         self.timeout = timeout
