@@ -199,17 +199,17 @@ def test_sigkill_during_changes_loses_no_acknowledged_change(
     rng = random.Random(f"crash-{index_type}")
     model = Model(built_ids_of(index))
     server = start_server(args, tmp_path / "server-0.log")
-    for round_no in range(ROUNDS):
-        run_round(server, model, rng, round_no)
-        server = start_server(args, tmp_path / f"server-{round_no + 1}.log")
-        check(server, model)
-    assert stop_server(server) == 0  # a clean stop saves a snapshot: the next start replays none
-    server = start_server(args, tmp_path / "server-last.log")
     try:
+        for round_no in range(ROUNDS):
+            run_round(server, model, rng, round_no)
+            server = start_server(args, tmp_path / f"server-{round_no + 1}.log")
+            check(server, model)
+        assert stop_server(server) == 0  # a clean stop saves a snapshot: nothing to replay
+        server = start_server(args, tmp_path / "server-last.log")
         check(server, model)
         assert "replayed" not in server.output()
     finally:
-        stop_server(server)
+        stop_server(server)  # also when a check fails: no server outlives the test
 
 
 def built_ids_of(index) -> list[str]:
