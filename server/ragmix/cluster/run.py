@@ -3,6 +3,7 @@ signal; `ragmix cluster config`: the Serve config YAML for `serve deploy`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -35,6 +36,25 @@ def start_ray(address: str | None, host: str, num_cpus: int | None) -> None:
     )
 
 
+def with_default_bundles(config: ServerConfig) -> ServerConfig:
+    """`config` with the embedded defaults built into the cache and named by path: replicas on
+    one machine then load them instead of racing to build them (the bundle lock would refuse all
+    but one, and Ray would restart the rest)."""
+    if config.generator and config.encoder and config.index:
+        return config
+    from ragmix import paths
+    from ragmix.index.build import ensure_default_index
+    from ragmix.models.defaults import ensure_default_models
+    from ragmix.models.encoder import Encoder
+
+    cache = paths.cache_dir(config.cache_dir)
+    generator, encoder = ensure_default_models(cache)
+    generator = config.generator or str(generator)
+    encoder = config.encoder or str(encoder)
+    index = config.index or str(ensure_default_index(cache, Encoder.load(Path(encoder))))
+    return dataclasses.replace(config, generator=generator, encoder=encoder, index=index)
+
+
 def serve_forever(
     config: ServerConfig,
     scaling: Scaling,
@@ -49,6 +69,8 @@ def serve_forever(
     from ray import serve
     from ray.serve.config import gRPCOptions
 
+    if address is None:  # one machine: build the defaults once, not in every replica at once
+        config = with_default_bundles(config)
     start_ray(address, config.host, num_cpus)
     serve.start(
         http_options={"host": config.host, "port": http_port},
