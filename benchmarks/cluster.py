@@ -12,7 +12,7 @@ c) `ragmix cluster serve --replicas 2` at 2, 4, 8 streams.
 Goals (issue 13): 2 replicas >= 1.8x the tokens/s of 1 replica at 8 streams; the Ray path adds
 <= 10 ms to TTFT p50 and <= 2 ms to ITL p50 at 1 stream.
 
-    python benchmarks/cluster.py                       # ~8 min on 2 cores
+    python benchmarks/cluster.py                       # ~12 min on 2 cores
     python benchmarks/cluster.py --duration 8 --levels 2,8
 
 Results: benchmarks/results/cluster.json (temporary name, then renamed).
@@ -36,7 +36,7 @@ from serving import RESULTS, Server, free_port, machine_info, write_json
 
 from ragmix.bench.loadgen import LoadSpec, run_load
 
-ENGINE_FLAGS = ["--threads", "1", "--max-new-tokens", "64"]
+ENGINE_FLAGS = ["--threads", "1"]
 
 
 class Cluster:
@@ -132,13 +132,18 @@ def goals(single: dict[str, Any], one: list[dict[str, Any]], two: list[dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per level")
-    ap.add_argument("--warmup", type=float, default=4.0, help="unmeasured seconds per level")
+    ap.add_argument("--duration", type=float, default=45.0, help="measured seconds per level")
+    ap.add_argument(
+        "--warmup", type=float, default=15.0, help="unmeasured seconds per level (warms the cache)"
+    )
     ap.add_argument("--levels", default="2,4,8", help="streams for the replica comparison")
     ap.add_argument("--top-k", type=int, default=5)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS / "cluster.json")
     args = ap.parse_args(argv)
+    # One thread per engine everywhere, the mixture kernel's (Numba) and BLAS's too, so that one
+    # replica is one core's worth of engine; Ray's workers inherit this environment.
+    os.environ.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     levels = sorted({int(x) for x in args.levels.split(",")})
     report: dict[str, Any] = {
         "machine": machine_info(),

@@ -198,6 +198,7 @@ class Info:
     max_queued_requests: int
     index_type: str = "flat"  # "flat", "hnsw" or "ivfpq"
     replica: str = ""  # which replica answered, on a Ray Serve cluster; "" on one server
+    device: str = "cpu"  # where the models run: "cpu" or "cuda:N"
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -217,6 +218,7 @@ class Info:
             m.max_queued_requests,
             m.index_type or "flat",
             m.replica,
+            m.device or "cpu",
         )
 
 

@@ -37,6 +37,10 @@ class ServerConfig:
         default=None, metadata={"help": "where default bundles are built (env RAGMIX_CACHE_DIR)"}
     )
     threads: int = field(default=0, metadata={"help": "onnxruntime intra-op threads (0 = cores)"})
+    device: str = field(
+        default="auto",
+        metadata={"help": "where the models run: auto (CUDA if onnxruntime has it), cpu, cuda[:N]"},
+    )
     max_top_k: int = field(default=20, metadata={"help": "largest top_k a request may ask for"})
     default_top_k: int = field(default=5, metadata={"help": "top_k when a request leaves it 0"})
     max_new_tokens: int = field(default=512, metadata={"help": "largest max_new_tokens accepted"})
@@ -182,6 +186,9 @@ class ServerConfig:
                 raise ValidationError(
                     name, f"{name} must be in [0, {hi}], got {getattr(self, name)}."
                 )
+        from ragmix.models.device import parse
+
+        parse(self.device)  # the format here; whether the device exists, at load
         if not 0 < self.snapshot_seconds <= 86_400:
             raise ValidationError(
                 "snapshot_seconds",

@@ -40,6 +40,8 @@ def test_get_info_reports_models_index_and_limits(stub):
     assert info.passages > 5
     assert (info.max_top_k, info.max_new_tokens, info.default_top_k) == (8, 48, 4)
     assert info.version
+    assert info.device == ("cuda:0" if "CUDAExecutionProvider" in info.providers else "cpu")
+    assert info.replica == ""  # one server, not a Ray Serve replica
 
 
 def test_retrieve_returns_ranked_passages_with_a_prior(stub):

@@ -250,7 +250,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "generator", "encoder", "passages", "max_top_k", "max_new_tokens", "max_query_chars", "default_top_k", "default_max_new_tokens", "index", "providers", "max_concurrent_requests", "max_queued_requests", "index_type", "replica")
+    __slots__ = ("version", "generator", "encoder", "passages", "max_top_k", "max_new_tokens", "max_query_chars", "default_top_k", "default_max_new_tokens", "index", "providers", "max_concurrent_requests", "max_queued_requests", "index_type", "replica", "device")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class GetInfoResponse(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     version: str
     generator: str
     encoder: str
@@ -281,7 +282,8 @@ class GetInfoResponse(_message.Message):
     max_queued_requests: int
     index_type: str
     replica: str
-    def __init__(self, version: _Optional[str] = ..., generator: _Optional[str] = ..., encoder: _Optional[str] = ..., passages: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., default_top_k: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., index: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., index_type: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, version: _Optional[str] = ..., generator: _Optional[str] = ..., encoder: _Optional[str] = ..., passages: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., default_top_k: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., index: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., index_type: _Optional[str] = ..., replica: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class NewPassage(_message.Message):
     __slots__ = ("id", "title", "text", "source")

@@ -109,8 +109,10 @@ class Engine:
         config: EngineConfig,
         observer: EngineObserver | None = None,
         step_gate: Callable[[Sequence[Request]], None] | None = None,
+        device: str = "cpu",
     ) -> None:
         self.generator = generator
+        self.device = device  # where the models run: "cpu" or "cuda:N"
         self.retrieval = retrieval
         self.config = config
         self.template = PromptTemplate.parse(generator.prompt_template)

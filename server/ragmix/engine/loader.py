@@ -16,6 +16,7 @@ from ragmix.index import IndexBundle, SnapshotPolicy
 from ragmix.index.build import ensure_default_index
 from ragmix.index.types import SearchKnobs
 from ragmix.models import defaults
+from ragmix.models.device import resolve as resolve_device
 from ragmix.models.encoder import Encoder
 from ragmix.models.generator import Generator
 
@@ -31,12 +32,21 @@ def load_engine(
     `observer`."""
     cache = paths.cache_dir(config.cache_dir)
     threads = config.threads or None
+    device = resolve_device(config.device)
     if config.generator is None or config.encoder is None:
         gen_dir, enc_dir = defaults.ensure_default_models(cache)
     generator = Generator.load(
-        Path(config.generator) if config.generator else gen_dir, threads=threads
+        Path(config.generator) if config.generator else gen_dir,
+        threads=threads,
+        providers=device.providers(),
     )
-    encoder = Encoder.load(Path(config.encoder) if config.encoder else enc_dir, threads=threads)
+    device.check_placed(generator.session, "generator")
+    encoder = Encoder.load(
+        Path(config.encoder) if config.encoder else enc_dir,
+        threads=threads,
+        providers=device.providers(),
+    )
+    device.check_placed(encoder.session, "encoder")
     index_dir = Path(config.index) if config.index else ensure_default_index(cache, encoder)
     index = IndexBundle.load(
         index_dir,
@@ -46,11 +56,14 @@ def load_engine(
         snapshot_policy=SnapshotPolicy(config.snapshot_changes, config.snapshot_seconds),
     )
     LOG.info(
-        "loaded generator %s, encoder %s, index %s (%d passages)",
+        "loaded generator %s and encoder %s on %s (%s), index %s (%d passages, FAISS on the CPU)",
         generator.name,
         encoder.name,
+        device,
+        ", ".join(generator.providers),
         index.name,
         index.passages,
     )
     retrieval = RetrievalBatcher(Retriever(encoder, index), observer=observer)
-    return Engine(generator, retrieval, EngineConfig.from_server(config), observer, step_gate)
+    engine_config = EngineConfig.from_server(config)
+    return Engine(generator, retrieval, engine_config, observer, step_gate, str(device))

@@ -59,7 +59,7 @@ class Encoder:
 
     @classmethod
     def load(
-        cls, folder: Path, *, providers: list[str] | None = None, threads: int | None = None
+        cls, folder: Path, *, providers: list[Any] | None = None, threads: int | None = None
     ) -> Encoder:
         folder, manifest = bundle.open_bundle(folder, KIND, required=REQUIRED)
         options = ort.SessionOptions()
@@ -88,6 +88,14 @@ class Encoder:
             tokenizer.enable_truncation(max_length=encoder.max_length)
         LOG.info("loaded encoder %s (%d dims) from %s", encoder.name, encoder.dimension, folder)
         return encoder
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self._session
+
+    @property
+    def providers(self) -> list[str]:
+        return self._session.get_providers()
 
     def encode(
         self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False

@@ -35,7 +35,7 @@ def servable(manifest: dict[str, Any]) -> bool:
     return manifest.get("graph") == GRAPH and "chunk_graph" in manifest
 
 
-def _open(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def _open(path: Path, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors
@@ -98,7 +98,7 @@ class Generator:
         cls,
         folder: Path,
         *,
-        providers: list[str] | None = None,
+        providers: list[Any] | None = None,
         threads: int | None = None,
     ) -> Generator:
         """Verify the bundle's checksums and open its ONNX session (all graph optimisations on)."""

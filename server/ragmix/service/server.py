@@ -45,6 +45,7 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
         encoder=f"{e.name} (sha256 {e.fingerprint[:12]})",
         index=idx.name,
         index_type=idx.index_type,
+        device=engine.device,
         passages=idx.passages,
         max_top_k=lim.max_top_k,
         max_new_tokens=lim.max_new_tokens,
