@@ -111,11 +111,13 @@ def start_server(args: list[str], log: Path, timeout: float = 300.0) -> ServerPr
     return ServerProcess(proc, wait_serving(proc, log, timeout), log)
 
 
-def wait_serving(proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> str:
-    """The address a starting server logs in its 'serving on' line (its start-up is bounded)."""
+def wait_serving(
+    proc: subprocess.Popen, log: Path, timeout: float = 300.0, banner: str = "ragmix serving on"
+) -> str:
+    """The address a starting server logs in its `banner` line (its start-up is bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        m = re.search(r"ragmix serving on ([\d.]+):(\d+)", log.read_text())
+        m = re.search(re.escape(banner) + r" ([\d.]+):(\d+)", log.read_text(errors="replace"))
         if m:
             return f"{m[1]}:{m[2]}"
         if proc.poll() is not None:

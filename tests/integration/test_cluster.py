@@ -6,7 +6,6 @@ replicas, and a replica killed mid-run without a request lost before its first e
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from servers import QUESTION, free_port, tiny_args
 
@@ -32,16 +31,7 @@ PATIENT = RetryPolicy(max_attempts=8, initial_backoff=0.2, max_backoff=2.0)
 
 
 def wait_cluster(proc: subprocess.Popen, log: Path) -> str:
-    deadline = time.monotonic() + START_S
-    while time.monotonic() < deadline:
-        m = re.search(r"ragmix cluster serving on ([\d.]+):(\d+)", log.read_text(errors="replace"))
-        if m:
-            return f"{m[1]}:{m[2]}"
-        if proc.poll() is not None:
-            raise RuntimeError(f"cluster exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"cluster did not start in {START_S} s:\n{log.read_text()[-5000:]}")
+    return wait_serving(proc, log, START_S, banner="ragmix cluster serving on")
 
 
 @pytest.fixture(scope="module")
