@@ -28,7 +28,7 @@ Token choice, shared with `mixture.py` token for token:
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,6 +74,25 @@ def check_step_inputs(
     n_rows, vocab = logits.shape
     if vocab < 1:
         raise ValueError("logits must have a vocabulary of at least 1 token, got 0.")
+    params = check_step_params(
+        n_rows, vocab, log_prior, offsets, temperature, top_k, top_p, uniform, top_n
+    )
+    return (logits, *params)
+
+
+def check_step_params(
+    n_rows: int,
+    vocab: int,
+    log_prior: np.ndarray,
+    offsets: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    uniform: np.ndarray,
+    top_n: int,
+) -> tuple[Any, ...]:
+    """`check_step_inputs` without the logits (which may live on a device): everything but them,
+    checked against their shape n_rows x vocab."""
     log_prior = np.ascontiguousarray(log_prior, dtype=np.float32)
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     if log_prior.shape != (n_rows,):
@@ -119,7 +138,7 @@ def check_step_inputs(
     top_n = int(top_n)
     if not 0 <= top_n <= MAX_TOP_N:
         raise ValueError(f"top_n must be in [0, {MAX_TOP_N}], got {top_n}.")
-    return logits, log_prior, offsets, temperature, top_k, top_p, uniform, top_n
+    return log_prior, offsets, temperature, top_k, top_p, uniform, top_n
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
