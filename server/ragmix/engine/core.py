@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from ragmix.engine.rows import RunningBatch
 from ragmix.engine.scheduler import Scheduler, SchedulerLimits
 from ragmix.engine.sequence import log_softmax
 from ragmix.errors import UnavailableError
+from ragmix.models import arrays
 from ragmix.models.generator import Generator
 
 LOG = logging.getLogger(__name__)
@@ -288,11 +290,14 @@ class EngineCore:
             rows = np.concatenate([plan.logit_rows(r) for r in decoding] + [np.zeros(0, int)])
             parts = [_rows_of(out.logits, rows)] if decoding else []
             parts += [self._first_logits(r, plan, out) for r in starting]
-            logits = parts[0] if len(parts) == 1 else np.concatenate(parts)  # rows x V
+            # decode logits stay where the graph wrote them; first logits (host) join them there
+            xp = arrays.module_of(parts[0])
+            logits = parts[0] if len(parts) == 1 else xp.concatenate([xp.asarray(p) for p in parts])
             mixed.tokens = self._mix_tokens([*decoding, *starting], logits)
         for r in plan.decoding:
-            if isinstance(r, SequenceRequest):
-                mixed.beams[id(r)] = log_softmax(out.logits[plan.logit_rows(r)])  # beams x V
+            if isinstance(r, SequenceRequest):  # beam search runs on the host: a counted copy
+                beams = arrays.to_host(_rows_of(out.logits, plan.logit_rows(r)))
+                mixed.beams[id(r)] = log_softmax(beams)  # beams x V
         for r in plan.starting:
             if isinstance(r, SequenceRequest):
                 mixed.beams[id(r)] = log_softmax(self._first_logits(r, plan, out))
@@ -314,7 +319,7 @@ class EngineCore:
         (logits: their rows in order, ours to write: EOS masking writes into them)."""
         offsets = np.zeros(len(reqs) + 1, np.int64)
         np.cumsum([r.rows or len(r.prefill) for r in reqs], out=offsets[1:])
-        eos = self.eos
+        eos = arrays.like(logits, self.eos)
         for g, r in enumerate(reqs):  # min_new_tokens: no EOS yet, in any passage's distribution
             if len(r.tokens) < r.decoding.min_new_tokens:
                 logits[offsets[g] : offsets[g + 1], eos] = -np.inf
@@ -507,8 +512,9 @@ class EngineCore:
         self.observer.on_queue(len(self.scheduler.waiting), len(self.running), self.batch.rows)
 
 
-def _rows_of(logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """logits[rows]: a view when the rows are consecutive (the usual case), else a copy."""
+def _rows_of(logits: Any, rows: np.ndarray) -> Any:
+    """logits[rows]: a view when the rows are consecutive (the usual case), else a copy (on the
+    logits' own device)."""
     if rows.size and rows[-1] - rows[0] + 1 == rows.size and np.all(np.diff(rows) == 1):
         return logits[rows[0] : rows[-1] + 1]
-    return logits[rows]
+    return logits[arrays.like(logits, rows)]

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ragmix.models import arrays
 
 if TYPE_CHECKING:
     from ragmix.models.generator import Generator
@@ -109,12 +111,13 @@ def pieces_len(pieces: Pieces) -> int:
     return sum(p[0].shape[2] for p in pieces)
 
 
-def write_pieces(buffers: list[np.ndarray], row: int, start: int, pieces: Pieces) -> None:
-    """Write a row's pieces into every buffer's row `row`, from slot `start` on."""
+def write_pieces(buffers: list[Any], row: int, start: int, pieces: Pieces) -> None:
+    """Write a row's pieces into every buffer's row `row`, from slot `start` on (host pieces
+    into device buffers are copied up)."""
     for piece in pieces:
         n = piece[0].shape[2]
         for buf, layer in zip(buffers, piece, strict=True):
-            buf[row, :, start : start + n] = layer[0]  # kv_heads x n x head_dim
+            buf[row, :, start : start + n] = arrays.like(buf, layer[0])  # kv_heads x n x hd
         start += n
 
 

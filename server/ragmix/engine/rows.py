@@ -11,8 +11,9 @@ row i's KV is slots [0, lengths[i]) of row i of every buffer):
 - join: new rows are written after the live ones, from slot 0;
 - beams: a request's rows are overwritten by copies of its parents, within its own slots.
 
-Buffers are [max_rows, kv_heads, capacity, head_dim] per layer, zeroed lazily by the OS (rows
-never used cost no memory); only when a row needs more slots than the capacity are they
+Buffers are [max_rows, kv_heads, capacity, head_dim] per layer, in the generator's device memory
+(models/arrays.py: numpy on the CPU, zeroed lazily by the OS so rows never used cost no memory;
+CuPy on a GPU, so decode passes copy nothing to the host); only when a row needs more slots than the capacity are they
 reallocated (by half again at least), copying the live rows' slots.
 """
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ragmix.engine import kv
+from ragmix.models import arrays
 
 if TYPE_CHECKING:
     from ragmix.models.generator import Generator
@@ -33,7 +35,7 @@ class RunningBatch:
     def __init__(self, generator: Generator, max_rows: int = 0) -> None:
         """max_rows: the rows admission allows (buffers are made that tall at once)."""
         self.max_rows = max(max_rows, 1)
-        self._past = generator.new_cache(self.max_rows, 0)
+        self._past = generator.device_cache(self.max_rows, 0)
         self._lengths = np.zeros(self.max_rows, np.int64)
         self._last = np.zeros(self.max_rows, np.int64)
         self.rows = 0  # live rows: [0, rows)
@@ -69,8 +71,9 @@ class RunningBatch:
         if rows is None:
             past, lengths, last = [a[:n] for a in self._past], self._lengths[:n], self._last[:n]
         else:
+            picked = arrays.like(self._past[0], rows)
             past, lengths, last = (
-                [a[rows] for a in self._past],
+                [a[picked] for a in self._past],
                 self._lengths[rows],
                 self._last[rows],
             )
@@ -89,8 +92,9 @@ class RunningBatch:
             return
         dst, src = dst[moved], src[moved]
         t = int(self._lengths[src].max())
+        to, of = arrays.like(self._past[0], dst), arrays.like(self._past[0], src)
         for buf in self._past:
-            buf[dst, :, :t] = buf[src, :, :t]
+            buf[to, :, :t] = buf[of, :, :t]
         self._lengths[dst] = self._lengths[src]
         self._last[dst] = self._last[src]
 
@@ -132,8 +136,9 @@ class RunningBatch:
         new_cap = max(slots + kv.GROW, cap + cap // 2)
         n = self.rows
         used = int(self._lengths[:n].max(initial=0))
+        xp = arrays.module_of(self._past[0])
         past = [
-            np.zeros((a.shape[0], a.shape[1], new_cap, a.shape[3]), a.dtype) for a in self._past
+            xp.zeros((a.shape[0], a.shape[1], new_cap, a.shape[3]), a.dtype) for a in self._past
         ]
         for buf, old in zip(past, self._past, strict=True):
             buf[:n, :, :used] = old[:n, :, :used]

@@ -1,7 +1,8 @@
 """Compiled kernels for the token loop: the RAG-Token mixture step and per-row log-probs.
 
 `mixture_step` and `row_logprobs` are the Numba versions; `reference` holds their plain-numpy twins,
-which define the results. Call `warmup()` once at server start so no request pays for JIT (the
+which define the results. `mixture_step` given logits on a CUDA device (anything with
+`__cuda_array_interface__`) runs `mixture_cuda`'s kernels there instead. Call `warmup()` once at server start so no request pays for JIT (the
 compiled code is also cached on disk next to the sources).
 """
 
@@ -9,16 +10,36 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 
-from ragmix.kernels import reference
-from ragmix.kernels.mixture import mixture_step, release_scratch, row_logprobs
+from ragmix.kernels import mixture, reference
+from ragmix.kernels.mixture import release_scratch, row_logprobs
 from ragmix.kernels.reference import StepResult
 
 LOG = logging.getLogger(__name__)
 
 __all__ = ["StepResult", "mixture_step", "reference", "release_scratch", "row_logprobs", "warmup"]
+
+
+def mixture_step(
+    logits: Any,
+    log_prior: np.ndarray,
+    offsets: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    uniform: np.ndarray,
+    top_n: int,
+) -> StepResult:
+    """One RAG-Token step for all requests (see `reference.mixture_step`), on the logits' device."""
+    args = (log_prior, offsets, temperature, top_k, top_p, uniform, top_n)
+    if not isinstance(logits, np.ndarray) and hasattr(logits, "__cuda_array_interface__"):
+        from ragmix.kernels import mixture_cuda  # numba.cuda: only imported where it is used
+
+        return mixture_cuda.mixture_step(logits, *args)
+    return mixture.mixture_step(logits, *args)
 
 
 def warmup() -> float:

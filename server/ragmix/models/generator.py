@@ -19,7 +19,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ragmix.errors import BundleError
-from ragmix.models import bundle
+from ragmix.models import arrays, bundle
 
 LOG = logging.getLogger(__name__)
 
@@ -42,9 +42,11 @@ def _open(path: Path, options: ort.SessionOptions, providers: list[Any]) -> ort.
         raise BundleError(f"{path} cannot be loaded by onnxruntime: {e}") from e
 
 
-def _bind(bind: Any, name: str, array: np.ndarray) -> None:
-    """Bind a float32 array's own memory as an input or output (`bind`: the binding's method)."""
-    bind(name, "cpu", 0, np.float32, array.shape, array.ctypes.data)
+def _bind(bind: Any, name: str, array: Any) -> None:
+    """Bind a float32 array's own memory, host or device, as an input or output (`bind`: the
+    binding's method): onnxruntime reads and writes it in place, no copy either way."""
+    kind, device_id, pointer = arrays.location(array)
+    bind(name, kind, device_id, np.float32, tuple(array.shape), pointer)
 
 
 def default_providers() -> list[str]:
@@ -134,6 +136,18 @@ class Generator:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    @property
+    def device_kind(self) -> str:
+        """"cuda" when the session runs on onnxruntime's CUDA provider, else "cpu"."""
+        return "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+
+    def device_cache(self, rows: int, capacity: int) -> list[Any]:
+        """A KV cache like `new_cache`, in the session's device memory (CuPy arrays on CUDA,
+        numpy on the CPU): decode passes over it copy nothing between host and device."""
+        xp = arrays.module_for(self.device_kind)
+        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        return [xp.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
+
     def encode(self, text: str) -> list[int]:
         """Token ids without added BOS/EOS; special tokens written in `text` become their ids."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -152,15 +166,16 @@ class Generator:
         input_ids: np.ndarray,
         lengths: np.ndarray,
         logits_index: np.ndarray,
-        cache: Sequence[np.ndarray],
-    ) -> np.ndarray:
+        cache: Sequence[Any],
+    ) -> Any:
         """One pass over `batch` rows of `new` tokens each; returns logits batch x W x vocab.
 
         input_ids: batch x new, each row's tokens first and any padding after; lengths: batch,
         the slots each row already holds in `cache` (its KV is the prefix [0, length) of its row);
         logits_index: batch x W, indices into the new tokens; cache: 2 * layers C-contiguous
         float32 buffers [batch, kv_heads, capacity, head_dim] (slices of a bigger buffer's rows
-        are fine) whose unused slots hold finite values (zeros: the chunk graph reads the whole
+        are fine; numpy, or CuPy on the session's device: the logits come back in the same
+        memory) whose unused slots hold finite values (zeros: the chunk graph reads the whole
         capacity, masked). The keys and values of the new tokens are written in place at slots
         [length, length + new) of each row, nothing else is touched: a padding token's slot holds
         a stand-in until the row's next token overwrites it.
@@ -170,7 +185,8 @@ class Generator:
         logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
         self._check(input_ids, lengths, logits_index, cache)
         batch, new = input_ids.shape
-        logits = np.empty((batch, logits_index.shape[1], self.vocab_size), np.float32)
+        xp = arrays.module_of(cache[0])  # the logits live where the cache does
+        logits = xp.empty((batch, logits_index.shape[1], self.vocab_size), np.float32)
         if new > 1 and batch > 1 and lengths.any():
             # GroupQueryAttention on CPU refuses several new tokens over a past for more than one
             # row: the chunk graph batches them.
@@ -184,7 +200,8 @@ class Generator:
         keys and values, written here at slots [length, length + new) of each row."""
         batch, new = input_ids.shape
         shape = (batch, self.num_kv_heads, new, self.head_dim)
-        fresh = [np.empty(shape, np.float32) for _ in cache]
+        xp = arrays.module_of(cache[0])
+        fresh = [xp.empty(shape, np.float32) for _ in cache]
         binding = self.chunk_session.io_binding()
         names = self.chunk_input_names
         for name, array in zip(names[:3], (input_ids, lengths, logits_index), strict=True):
@@ -194,8 +211,8 @@ class Generator:
         for name, array in zip(self.chunk_output_names, (logits, *fresh), strict=True):
             _bind(binding.bind_output, name, array)
         self.chunk_session.run_with_iobinding(binding)
-        rows = np.repeat(np.arange(batch), new)  # batch*new
-        slots = (lengths[:, None] + np.arange(new)[None, :]).reshape(-1)  # batch*new
+        rows = xp.asarray(np.repeat(np.arange(batch), new))  # batch*new
+        slots = xp.asarray((lengths[:, None] + np.arange(new)[None, :]).reshape(-1))  # batch*new
         for buf, part in zip(cache, fresh, strict=True):  # one vectorised write per tensor
             buf[rows, :, slots] = part.transpose(0, 2, 1, 3).reshape(batch * new, *shape[1::2])
 
