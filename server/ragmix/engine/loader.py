@@ -54,15 +54,17 @@ def load_engine(
         defaults=SearchKnobs(config.nprobe, config.ef_search),
         writable=config.admin_token_file is not None,  # IndexAdmin on: this server writes
         snapshot_policy=SnapshotPolicy(config.snapshot_changes, config.snapshot_seconds),
+        gpu=device.index if device.kind == "cuda" else None,
     )
     LOG.info(
-        "loaded generator %s and encoder %s on %s (%s), index %s (%d passages, FAISS on the CPU)",
+        "loaded generator %s and encoder %s on %s (%s), index %s (%d passages, FAISS on %s)",
         generator.name,
         encoder.name,
         device,
         ", ".join(generator.providers),
         index.name,
         index.passages,
+        index.searches_on,
     )
     retrieval = RetrievalBatcher(Retriever(encoder, index), observer=observer)
     engine_config = EngineConfig.from_server(config)

@@ -22,6 +22,7 @@ import numpy as np
 from ragmix.errors import BundleError, ConflictError, NotFoundError, ValidationError
 from ragmix.index import live
 from ragmix.index.changes import ChangeLog, LogIdentity
+from ragmix.index.gpu import GpuFlat
 from ragmix.index.store import Passage, PassageStore, slug, unknown_ids
 from ragmix.index.tombstones import Tombstones
 from ragmix.index.types import SearchKnobs, check_knobs, index_type_of, search_parameters
@@ -175,6 +176,7 @@ class IndexBundle:
         changes: ChangeLog | None = None,
         snapshot_policy: SnapshotPolicy | None = None,
         snapshot_held: int = 0,
+        gpu: int | None = None,
     ):
         self.folder = folder
         self.manifest = manifest
@@ -189,6 +191,7 @@ class IndexBundle:
         check_knobs(self.index_type, self.defaults, 1, self.nlist)  # the server's flags
         self.built = len(store)
         self._index = index
+        self._gpu = GpuFlat.of(index, self.index_type, gpu)  # a search copy, or None
         self._store = store
         self._changes = changes
         self._gone = Tombstones(changes.deleted_rows() if changes else None)
@@ -210,9 +213,11 @@ class IndexBundle:
         defaults: SearchKnobs | None = None,
         writable: bool = False,
         snapshot_policy: SnapshotPolicy | None = None,
+        gpu: int | None = None,
     ) -> IndexBundle:
         """Verify and open the bundle with its online changes. `defaults`: the server's search
-        knobs. `writable`: this server accepts changes (it holds the live folder's lock)."""
+        knobs. `writable`: this server accepts changes (it holds the live folder's lock). `gpu`:
+        the CUDA device to search a flat index on, where FAISS has GPUs (gpu.py)."""
         root = Path(folder)
         folder, manifest = bundle.open_bundle(root, "index", verify=False, required=REQUIRED)
         if encoder_fingerprint is not None:
@@ -230,7 +235,9 @@ class IndexBundle:
             held = int(index.ntotal)
             if changes is not None:
                 index, held = replayed(folder, index, changes)
-            loaded = cls(folder, manifest, index, store, defaults, changes, snapshot_policy, held)
+            loaded = cls(
+                folder, manifest, index, store, defaults, changes, snapshot_policy, held, gpu
+            )
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -257,6 +264,11 @@ class IndexBundle:
         return self.size - len(self._gone)
 
     @property
+    def searches_on(self) -> str:
+        """Where searches run: "cpu", or "cuda:N" for a GPU copy."""
+        return "cpu" if self._gpu is None else f"cuda:{self._gpu.device}"
+
+    @property
     def writable(self) -> bool:
         return self._changes is not None and self._changes.writable
 
@@ -278,6 +290,8 @@ class IndexBundle:
                 f"queries must have shape [n, {self.dimension}], got {list(queries.shape)}.",
             )
         k = min(k, self.size)
+        if self._gpu is not None and self._gpu.can_search(k, len(self._gone)):
+            return self._gpu.search(queries, k, self._gone.masked, len(self._gone))
         params = search_parameters(
             self.index_type, knobs or SearchKnobs(), self.defaults, k, self._gone.selector()
         )
@@ -366,6 +380,8 @@ class IndexBundle:
             )
         seq = log.add(first, named, vectors)
         self._index.add(vectors)
+        if self._gpu is not None:
+            self._gpu.add(vectors)
         self._changed(len(named))
         return [p.id for p in named], seq
 
