@@ -199,6 +199,7 @@ class Info:
     index_type: str = "flat"  # "flat", "hnsw" or "ivfpq"
     replica: str = ""  # which replica answered, on a Ray Serve cluster; "" on one server
     device: str = "cpu"  # where the models run: "cpu" or "cuda:N"
+    index_device: str = "cpu"  # where FAISS searches: "cpu" or "cuda:N"
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -219,6 +220,7 @@ class Info:
             m.index_type or "flat",
             m.replica,
             m.device or "cpu",
+            m.index_device or "cpu",
         )
 
 

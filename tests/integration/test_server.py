@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from ragmix.index.gpu import gpus
 from ragmix_client.proto import ragmix_pb2 as pb
 from ragmix_client.proto import ragmix_pb2_grpc as pb_grpc
 
@@ -41,6 +42,8 @@ def test_get_info_reports_models_index_and_limits(stub):
     assert (info.max_top_k, info.max_new_tokens, info.default_top_k) == (8, 48, 4)
     assert info.version
     assert info.device == ("cuda:0" if "CUDAExecutionProvider" in info.providers else "cpu")
+    gpu_search = info.device != "cpu" and gpus() > 0 and info.index_type == "flat"
+    assert info.index_device == (info.device if gpu_search else "cpu")
     assert info.replica == ""  # one server, not a Ray Serve replica
 
 

@@ -46,6 +46,7 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
         index=idx.name,
         index_type=idx.index_type,
         device=engine.device,
+        index_device=idx.searches_on,
         passages=idx.passages,
         max_top_k=lim.max_top_k,
         max_new_tokens=lim.max_new_tokens,
