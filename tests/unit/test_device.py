@@ -48,6 +48,18 @@ def test_cuda_without_onnxruntime_gpu_is_refused_with_what_to_install():
     assert ort.__version__ in str(e.value) and "--device cpu" in str(e.value)
 
 
+def test_cuda_without_cupy_is_refused_and_auto_stays_on_the_cpu(monkeypatch):
+    """onnxruntime-gpu alone is not enough: the decode loop's buffers live on the device in CuPy."""
+    monkeypatch.setattr(dev.ort, "get_available_providers", lambda: [dev.CUDA, dev.CPU])
+    monkeypatch.setattr(dev, "has_cupy", lambda: False)
+    with pytest.raises(ValidationError, match=r"CuPy.*ragmix\[gpu\].*--device cpu"):
+        dev.resolve("cuda:1")
+    assert dev.resolve("auto") == dev.Device("cpu")
+    monkeypatch.setattr(dev, "has_cupy", lambda: True)
+    assert dev.resolve("cuda:1") == dev.Device("cuda", 1)
+    assert dev.resolve("auto") == dev.Device("cuda", 0)
+
+
 def test_a_session_left_on_the_cpu_is_refused_when_cuda_was_asked_for(tiny_encoder_dir):
     encoder = Encoder.load(tiny_encoder_dir, threads=1)
     dev.Device("cpu").check_placed(encoder.session, "encoder")

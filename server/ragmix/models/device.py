@@ -1,12 +1,14 @@
 """Where the ONNX sessions run: `--device auto|cpu|cuda[:N]`, resolved once at start.
 
-auto is CUDA when this onnxruntime build has the CUDA execution provider, else the CPU; asking for
-cuda where there is none is refused at start with what is installed and what to install, rather
-than left to onnxruntime's silent fallback to the CPU.
+auto is CUDA when this onnxruntime build has the CUDA execution provider and CuPy (which holds the
+decode loop's buffers on the device) is installed, else the CPU; asking for cuda where either is
+missing is refused at start with what is installed and what to install, rather than left to
+onnxruntime's silent fallback to the CPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +58,8 @@ def resolve(text: str) -> Device:
     """The device `text` names on this machine (ValidationError when it cannot be had)."""
     kind, index = parse(text)
     available = ort.get_available_providers()
-    if kind == "cpu" or (kind == "auto" and CUDA not in available):
+    cupy = has_cupy()
+    if kind == "cpu" or (kind == "auto" and (CUDA not in available or not cupy)):
         return Device("cpu")
     if CUDA not in available:
         raise ValidationError(
@@ -65,4 +68,15 @@ def resolve(text: str) -> Device:
             f"{ort.__version__} here has only {available}; install ragmix[gpu] (onnxruntime-gpu) "
             "or serve with --device cpu.",
         )
+    if not cupy:
+        raise ValidationError(
+            "device",
+            f"device {text} keeps the KV cache and logits on the GPU with CuPy, which is not "
+            "installed; install ragmix[gpu] (cupy-cuda13x) or serve with --device cpu.",
+        )
     return Device("cuda", index or 0)
+
+
+def has_cupy() -> bool:
+    """Whether CuPy is installed (looked up, not imported: the CPU path never loads it)."""
+    return importlib.util.find_spec("cupy") is not None
