@@ -267,11 +267,11 @@ def test_export_from_hf_dispatches_on_model_type(tmp_path):
     folder = export_from_hf(src, tmp_path / "bundle")
     assert Generator.load(folder).manifest["architecture"] == "qwen2"
 
-    odd = tmp_path / "t5"
+    odd = tmp_path / "whisper"
     odd.mkdir()
-    (odd / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    (odd / "config.json").write_text(json.dumps({"model_type": "whisper"}))
     with pytest.raises(BundleError, match="llama"):
-        export_from_hf(odd, tmp_path / "t5-bundle")
+        export_from_hf(odd, tmp_path / "whisper-bundle")
 
 
 def test_missing_smollm2_package_names_the_pip_command(monkeypatch):

