@@ -104,9 +104,10 @@ class EngineCore:
         self.generator = generator
         self.observer = observer or EngineObserver()
         self.scheduler = Scheduler(config.limits)
-        self.passage_cache = (
-            PassageCache(config.passage_cache_bytes) if config.passage_cache_bytes > 0 else None
-        )
+        # An encoder reads passage and question together (bidirectionally): no passage prefix
+        # KV exists to cache for an encoder-decoder generator.
+        cached = config.passage_cache_bytes > 0 and not generator.is_encoder_decoder
+        self.passage_cache = PassageCache(config.passage_cache_bytes) if cached else None
         # Called before every step that has work: tests hold a stream open with it.
         self.step_gate = step_gate
         self.running: list[Request] = []  # admitted, in admission order
@@ -248,7 +249,9 @@ class EngineCore:
                 r.cached_prompt_tokens += len(p.passage)
                 row = PrefillRow(p.rest + suffix, [cached.past], len(suffix), keep, keep)
             else:
-                row = PrefillRow(p.ids + suffix, [], len(suffix), keep, keep, key, p.passage)
+                row = PrefillRow(
+                    p.ids + suffix, [], len(suffix), keep, keep, key, p.passage, source=p.source
+                )
             r.prefill.append(row)
         if self.passage_cache is not None:
             cache = self.passage_cache
@@ -364,7 +367,8 @@ class EngineCore:
             before = list(r.slots)
             self._guarded(r, self._advance_decode, r, mixed)
             freed += before[r.rows :] if r.rows else before
-        joining: list[tuple[Request, list[kv.Pieces], list[int]]] = []  # (request, KV, tokens)
+        joining: list[tuple[Request, list[kv.Pieces], list[int], list[int]]] = []  # (request,
+        # KV, next tokens, sources) of the rows that start decoding
         for r in plan.starting:
             r.prefill_done(time.perf_counter())
             new = self._guarded(r, self._advance_start, r, mixed)
@@ -374,8 +378,8 @@ class EngineCore:
             if r.prefill and r.prefilled and not r.rows and r not in plan.starting:
                 self._guarded(r, self._finish_prefill_only, r)
         self._free(freed)
-        for r, kvs, tokens in joining:
-            r.slots = self.batch.add(kvs, tokens)
+        for r, kvs, tokens, sources in joining:
+            r.slots = self.batch.add(kvs, tokens, sources)
         for r in plan.requests:
             r.flush()
 
@@ -408,9 +412,12 @@ class EngineCore:
             return
         self.batch.last[r.slots] = token
 
-    def _advance_start(self, r: Request, mixed: Mixed) -> tuple[list[kv.Pieces], list[int]] | None:
-        """A request's first step after its prompts: the rows (KV, next token) it adds."""
+    def _advance_start(
+        self, r: Request, mixed: Mixed
+    ) -> tuple[list[kv.Pieces], list[int], list[int]] | None:
+        """A request's first step after its prompts: the rows (KV, next token, source) it adds."""
         kvs = [row.kv for row in r.prefill]
+        sources = [row.source for row in r.prefill]
         r.prefill = []
         if isinstance(r, SequenceRequest):
             r.prompt_kv = kvs if r.thorough else []
@@ -419,11 +426,11 @@ class EngineCore:
             if r.beams_done():
                 self._beams_finished(r)
                 return None
-            return [kvs[p] for p in parents], tokens
+            return [kvs[p] for p in parents], tokens, [sources[p] for p in parents]
         token, *results = mixed.tokens[id(r)]
         if self._on_token(r, token, *results):
             return None
-        return kvs, [token] * len(kvs)
+        return kvs, [token] * len(kvs), sources
 
     def _on_token(self, r: TokenRequest, token: int, *results) -> bool:
         previous = r.last_token_time

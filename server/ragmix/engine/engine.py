@@ -239,15 +239,16 @@ class Engine:
         return ev
 
     def _prompts(self, passages: list[RetrievedPassage], question: str) -> list[PromptTokens]:
-        encode = self.generator.encode
-        return [
-            tokenize_prompt(self.template, encode, passage_text(p.title, p.text), question)
-            for p in passages
-        ]
+        form = self.generator.passage_template
+        return [self._prompt(passage_text(p.title, p.text, form), question) for p in passages]
 
     def _concat_prompt(self, passages: list[RetrievedPassage], question: str) -> PromptTokens:
-        slot = concat_text([(p.title, p.text) for p in passages])
-        return tokenize_prompt(self.template, self.generator.encode, slot, question)
+        form = self.generator.passage_template
+        return self._prompt(concat_text([(p.title, p.text) for p in passages], form), question)
+
+    def _prompt(self, passage: str, question: str) -> PromptTokens:
+        g = self.generator
+        return tokenize_prompt(self.template, g.encode, passage, question, g.decoder_start_ids)
 
     def _build_generate(
         self,
@@ -334,7 +335,9 @@ class Engine:
         longest = max(len(p.ids) for p in r.prompts)
         shorter = "a shorter answer" if what == "answer" else f"fewer tokens ({what})"
         fewer = f"{shorter} or fewer passages (top_k, passage_ids)"
-        if r.max_length > self.generator.max_positions:
+        if self.generator.is_encoder_decoder:
+            self._check_source(r, what, fewer)
+        elif r.max_length > self.generator.max_positions:
             raise ValidationError(
                 what,
                 f"the prompt ({longest} tokens) plus {r.max_new_tokens} new tokens exceeds the "
@@ -353,4 +356,23 @@ class Engine:
                 f"{r.max_rows} rows x ({longest} prompt + {r.max_new_tokens} new tokens) "
                 f"exceeds the server's KV budget of {cfg.max_batch_tokens} token slots "
                 f"(--max-batch-tokens); ask for {fewer}.",
+            )
+
+    def _check_source(self, r: Request, what: str, fewer: str) -> None:
+        """An encoder-decoder's two contexts: the encoder's input, the decoder's tokens."""
+        g = self.generator
+        source = max(p.source for p in r.prompts)
+        if source > g.max_source_positions:
+            raise ValidationError(
+                "query" if what != "answer" else what,
+                f"the encoder input ({source} tokens: passage and question) exceeds the "
+                f"generator's {g.max_source_positions} source positions; ask a shorter question "
+                "or use fewer passages (top_k, passage_ids; Concat reads them all at once).",
+            )
+        longest = max(len(p.ids) - p.source for p in r.prompts) + r.max_new_tokens
+        if longest > g.max_positions:
+            raise ValidationError(
+                what,
+                f"{longest} decoder tokens (start tokens and {r.max_new_tokens} new) exceed the "
+                f"generator's {g.max_positions} decoder positions; ask for {fewer}.",
             )

@@ -69,6 +69,7 @@ def run_rows(
     tokens: Sequence[Sequence[int]],
     prefixes: Sequence[Pieces],
     logits_at: Sequence[Sequence[int]],
+    sources: Sequence[int] | None = None,
 ) -> Pass:
     """One pass over rows of new tokens, row i continuing from prefixes[i] (its KV so far).
 
@@ -77,6 +78,7 @@ def run_rows(
     row's real tokens, so causality keeps them out of its real tokens' attention). logits_at[i]:
     indices into tokens[i] (non-empty) whose next-token logits are wanted; the logits come back
     rows x W x V (W = the longest logits_at; shorter lists repeat their last index).
+    sources[i]: an encoder-decoder row's encoder tokens (its first slots; see models/seq2seq.py).
     """
     n, s = len(tokens), max(len(t) for t in tokens)
     plen = [pieces_len(x) for x in prefixes]
@@ -91,7 +93,8 @@ def run_rows(
         at = np.asarray(logits_at[i], np.int64)
         logits_index[i, : at.size] = at
         logits_index[i, at.size :] = at[-1]
-    logits = generator.forward(ids, np.array(plen, np.int64), logits_index, cache)
+    src = np.zeros(n, np.int64) if sources is None else np.asarray(sources, np.int64)
+    logits = generator.forward(ids, np.array(plen, np.int64), logits_index, cache, src)
     return Pass(logits, cache, plen, [len(t) for t in tokens])
 
 

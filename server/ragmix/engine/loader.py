@@ -18,7 +18,7 @@ from ragmix.index.types import SearchKnobs
 from ragmix.models import defaults
 from ragmix.models.device import resolve as resolve_device
 from ragmix.models.encoder import Encoder
-from ragmix.models.generator import Generator
+from ragmix.models.seq2seq import load_generator
 
 LOG = logging.getLogger(__name__)
 
@@ -35,12 +35,13 @@ def load_engine(
     device = resolve_device(config.device)
     if config.generator is None or config.encoder is None:
         gen_dir, enc_dir = defaults.ensure_default_models(cache)
-    generator = Generator.load(
+    generator = load_generator(
         Path(config.generator) if config.generator else gen_dir,
         threads=threads,
         providers=device.providers(),
     )
-    device.check_placed(generator.session, "generator")
+    for session in generator.sessions:
+        device.check_placed(session, "generator")
     encoder = Encoder.load(
         Path(config.encoder) if config.encoder else enc_dir,
         threads=threads,

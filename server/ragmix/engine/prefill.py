@@ -37,6 +37,7 @@ class PrefillRow:
     )
     cache_ids: Sequence[int] = ()
     parent: PrefillRow | None = None  # when given, the prefix is the parent's KV but its last slot
+    source: int = 0  # encoder-decoder: the encoder's tokens, the first slots of prefix + tokens
     # Progress, written by commit_chunk only.
     done: int = 0  # tokens computed so far
     kv: kv.Pieces = field(default_factory=list)  # prefix + the tokens done (while needed)
@@ -51,7 +52,14 @@ class PrefillRow:
                 f"scored must be in [0, {len(self.tokens) - 1}] (the first token has no "
                 f"predictor in this row), got {self.scored}."
             )
+        if self.fresh_source and self.scored >= len(self.tokens) - self.source:
+            raise ValueError("scored tokens must come after an encoder-decoder row's source.")
         self.kv = list(self.prefix)
+
+    @property
+    def fresh_source(self) -> bool:
+        """Whether its tokens start with the encoder's input (no KV before them)."""
+        return self.source > 0 and not self.prefix and self.parent is None
 
     @property
     def ready(self) -> bool:
@@ -69,6 +77,12 @@ class PrefillRow:
     @property
     def prefix_len(self) -> int:
         return kv.pieces_len(self.prefix)
+
+    @property
+    def first_piece(self) -> int:
+        """The fewest tokens its next piece may hold: an encoder reads its whole source in one
+        pass, and the first decoder token comes with it (its logits are the row's first)."""
+        return self.source + 1 if self.fresh_source and self.done == 0 else 1
 
     @property
     def past(self) -> int:
@@ -141,20 +155,22 @@ def plan_chunk(pending: Sequence[PrefillRow], budget: int) -> Chunk:
 
     A pass pads its rows to the longest piece and the longest past (`pass_cost`), so the n that
     computes the most real tokens within the budget wins (the smallest such n); each row gets
-    min(its remaining, width) tokens. The first row always gets at least one token.
+    min(its remaining, width) tokens. The first row always gets at least its first piece (one
+    token; an encoder-decoder row's source and first decoder token), and no row gets less.
     """
     best_n, best_width, best_useful = 0, 0, 0
-    longest = past = 0
+    longest = past = need = 0
     scored = False
     for n, row in enumerate(pending, 1):
         longest, past = max(longest, row.remaining), max(past, row.past)
+        need = max(need, row.first_piece)
         scored = scored or row.scored > 0
         fixed = pass_cost(n, 0, past, False) - (n / LOGITS_PER_TOKEN if scored else 0)
         per_token = n * (1 + (1 / LOGITS_PER_TOKEN if scored else 0))
         width = min(longest, int((budget - fixed) // per_token))
-        if width < 1:
+        if width < need:
             if n == 1:
-                best_n, best_width = 1, 1  # progress, whatever the budget
+                best_n, best_width = 1, need  # progress, whatever the budget
             break
         useful = sum(min(r.remaining, width) for r in pending[:n])
         if useful > best_useful:
@@ -173,7 +189,8 @@ def run_chunk(generator: Generator, chunk: Chunk) -> ChunkOutput:
     ]
     for r in chunk.rows:
         r.start()
-    passed = kv.run_rows(generator, pieces, [r.kv for r in chunk.rows], logits_at)
+    sources = [r.source for r in chunk.rows]
+    passed = kv.run_rows(generator, pieces, [r.kv for r in chunk.rows], logits_at, sources)
     return ChunkOutput(passed, wanted, scored_logprobs(passed.logits, chunk.rows, wanted))
 
 

@@ -60,22 +60,32 @@ class PromptTemplate:
         return self.middle[self.split :] + question + self.tail
 
 
-def passage_text(title: str, text: str) -> str:
-    """How one passage fills the {passage} slot (title line, then the text, as in HF's retriever)."""
-    return f"{title}\n{text}" if title else text
+TITLE_LINE = "{title}\n{text}"
 
 
-def concat_text(passages: Sequence[tuple[str, str]]) -> str:
+def passage_text(title: str, text: str, form: str = TITLE_LINE) -> str:
+    """How one passage fills the {passage} slot: the bundle's passage template (the title line,
+    then the text; "{title} / {text}" for encoder-decoder bundles, as HF's retriever writes it),
+    or the text alone when it has no title."""
+    return form.replace("{title}", title).replace("{text}", text) if title else text
+
+
+def concat_text(passages: Sequence[tuple[str, str]], form: str = TITLE_LINE) -> str:
     """The {passage} slot of a Concat prompt: all K passages, numbered in rank order."""
-    return "\n\n".join(f"[{i}] {passage_text(t, x)}" for i, (t, x) in enumerate(passages, 1))
+    return "\n\n".join(f"[{i}] {passage_text(t, x, form)}" for i, (t, x) in enumerate(passages, 1))
 
 
 @dataclass(frozen=True)
 class PromptTokens:
-    """A prompt as two token pieces; `ids` is their concatenation."""
+    """A prompt as two token pieces; `ids` is their concatenation.
+
+    For an encoder-decoder generator the first `source` ids are the encoder's input and the rest
+    (the decoder's start tokens, at the end of `rest`) start the decoder; 0 for decoder-only.
+    """
 
     passage: list[int]
     rest: list[int]
+    source: int = 0
 
     @property
     def ids(self) -> list[int]:
@@ -83,6 +93,14 @@ class PromptTokens:
 
 
 def tokenize_prompt(
-    template: PromptTemplate, encode: Callable[[str], list[int]], passage: str, question: str
+    template: PromptTemplate,
+    encode: Callable[[str], list[int]],
+    passage: str,
+    question: str,
+    start: Sequence[int] = (),
 ) -> PromptTokens:
-    return PromptTokens(encode(template.passage_part(passage)), encode(template.rest(question)))
+    """The prompt's two pieces; `start`: an encoder-decoder's decoder start ids, after the source."""
+    passage_ids, rest = encode(template.passage_part(passage)), encode(template.rest(question))
+    if not start:
+        return PromptTokens(passage_ids, rest)
+    return PromptTokens(passage_ids, rest + list(start), len(passage_ids) + len(rest))

@@ -282,7 +282,12 @@ class SequenceRequest(TokenRequest):
                     before, prefix, up = radix.edges[parent][1][-1], [], rows[parent]
                 rows.append(
                     PrefillRow(
-                        [before, *tokens], prefix, scored=len(tokens), keep_kv=inner[e], parent=up
+                        [before, *tokens],
+                        prefix,
+                        scored=len(tokens),
+                        keep_kv=inner[e],
+                        parent=up,
+                        source=self.prompts[j].source,
                     )
                 )
             self.radix.append(radix)

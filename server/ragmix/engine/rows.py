@@ -38,6 +38,7 @@ class RunningBatch:
         self._past = generator.device_cache(self.max_rows, 0)
         self._lengths = np.zeros(self.max_rows, np.int64)
         self._last = np.zeros(self.max_rows, np.int64)
+        self._sources = np.zeros(self.max_rows, np.int64)  # encoder-decoder: source slots
         self.rows = 0  # live rows: [0, rows)
 
     @property
@@ -70,6 +71,7 @@ class RunningBatch:
         self._reserve(int(self._lengths[:n].max(initial=0)) + 1)
         if rows is None:
             past, lengths, last = [a[:n] for a in self._past], self._lengths[:n], self._last[:n]
+            sources = self._sources[:n]
         else:
             picked = arrays.like(self._past[0], rows)
             past, lengths, last = (
@@ -77,8 +79,9 @@ class RunningBatch:
                 self._lengths[rows],
                 self._last[rows],
             )
+            sources = self._sources[rows]
         index = np.zeros((lengths.size, 1), np.int64)
-        return generator.forward(last[:, None], lengths, index, past)[:, 0, :]
+        return generator.forward(last[:, None], lengths, index, past, sources)[:, 0, :]
 
     def append(self) -> None:
         """Take the token every live row's last `decode` wrote: one more slot each."""
@@ -97,6 +100,7 @@ class RunningBatch:
             buf[to, :, :t] = buf[of, :, :t]
         self._lengths[dst] = self._lengths[src]
         self._last[dst] = self._last[src]
+        self._sources[dst] = self._sources[src]
 
     def free(self, slots: Sequence[int]) -> dict[int, int]:
         """Drop these rows; the last live rows fill their slots. Returns {old slot: new slot} of
@@ -110,11 +114,15 @@ class RunningBatch:
             for buf in self._past:
                 buf[hole, :, :n] = buf[mover, :, :n]
             self._lengths[hole], self._last[hole] = n, self._last[mover]
+            self._sources[hole] = self._sources[mover]
         self.rows = live
         return dict(zip(movers, holes, strict=True))
 
-    def add(self, rows: Sequence[kv.Pieces], last: Sequence[int]) -> list[int]:
-        """Write new rows (each its KV as pieces) after the live ones; returns their slots."""
+    def add(
+        self, rows: Sequence[kv.Pieces], last: Sequence[int], sources: Sequence[int] | None = None
+    ) -> list[int]:
+        """Write new rows (each its KV as pieces, the first sources[i] slots an encoder-decoder
+        row's encoder keys and values) after the live ones; returns their slots."""
         lengths = [kv.pieces_len(r) for r in rows]
         first = self.rows
         if first + len(rows) > self.max_rows:
@@ -124,6 +132,7 @@ class RunningBatch:
             kv.write_pieces(self._past, first + i, 0, row)
             self._lengths[first + i] = n
             self._last[first + i] = last[i]
+            self._sources[first + i] = 0 if sources is None else sources[i]
         self.rows = first + len(rows)
         return list(range(first, self.rows))
 
