@@ -200,6 +200,8 @@ class Info:
     replica: str = ""  # which replica answered, on a Ray Serve cluster; "" on one server
     device: str = "cpu"  # where the models run: "cpu" or "cuda:N"
     index_device: str = "cpu"  # where FAISS searches: "cpu" or "cuda:N"
+    generator_architecture: str = "decoder-only"  # or "encoder-decoder" (BART, T5)
+    passage_cache: bool = False  # passage prefix KV cached across requests
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -221,6 +223,8 @@ class Info:
             m.replica,
             m.device or "cpu",
             m.index_device or "cpu",
+            m.generator_architecture or "decoder-only",
+            m.passage_cache,
         )
 
 

@@ -45,6 +45,7 @@ def test_get_info_reports_models_index_and_limits(stub):
     gpu_search = info.device != "cpu" and gpus() > 0 and info.index_type == "flat"
     assert info.index_device == (info.device if gpu_search else "cpu")
     assert info.replica == ""  # one server, not a Ray Serve replica
+    assert info.generator_architecture == "decoder-only" and info.passage_cache
 
 
 def test_retrieve_returns_ranked_passages_with_a_prior(stub):

@@ -250,7 +250,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "generator", "encoder", "passages", "max_top_k", "max_new_tokens", "max_query_chars", "default_top_k", "default_max_new_tokens", "index", "providers", "max_concurrent_requests", "max_queued_requests", "index_type", "replica", "device", "index_device")
+    __slots__ = ("version", "generator", "encoder", "passages", "max_top_k", "max_new_tokens", "max_query_chars", "default_top_k", "default_max_new_tokens", "index", "providers", "max_concurrent_requests", "max_queued_requests", "index_type", "replica", "device", "index_device", "generator_architecture", "passage_cache")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,8 @@ class GetInfoResponse(_message.Message):
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     INDEX_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_CACHE_FIELD_NUMBER: _ClassVar[int]
     version: str
     generator: str
     encoder: str
@@ -285,7 +287,9 @@ class GetInfoResponse(_message.Message):
     replica: str
     device: str
     index_device: str
-    def __init__(self, version: _Optional[str] = ..., generator: _Optional[str] = ..., encoder: _Optional[str] = ..., passages: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., default_top_k: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., index: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., index_type: _Optional[str] = ..., replica: _Optional[str] = ..., device: _Optional[str] = ..., index_device: _Optional[str] = ...) -> None: ...
+    generator_architecture: str
+    passage_cache: bool
+    def __init__(self, version: _Optional[str] = ..., generator: _Optional[str] = ..., encoder: _Optional[str] = ..., passages: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_query_chars: _Optional[int] = ..., default_top_k: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., index: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_concurrent_requests: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., index_type: _Optional[str] = ..., replica: _Optional[str] = ..., device: _Optional[str] = ..., index_device: _Optional[str] = ..., generator_architecture: _Optional[str] = ..., passage_cache: _Optional[bool] = ...) -> None: ...
 
 class NewPassage(_message.Message):
     __slots__ = ("id", "title", "text", "source")

@@ -47,6 +47,8 @@ def info_for(engine: Engine, config: ServerConfig) -> pb.GetInfoResponse:
         index_type=idx.index_type,
         device=engine.device,
         index_device=idx.searches_on,
+        generator_architecture="encoder-decoder" if g.is_encoder_decoder else "decoder-only",
+        passage_cache=engine.passage_cache is not None,
         passages=idx.passages,
         max_top_k=lim.max_top_k,
         max_new_tokens=lim.max_new_tokens,
