@@ -291,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         report["vocab"] = gens["cuda"].vocab_size
         run_part(report, "decode_step_ms", lambda: decode_steps(gens, args.quick))
         for k in (5, 20):
-            run_part(report, f"kernel_k{k}", lambda k=k: kernel_us(gens["cuda"].vocab_size, k,
-                                                                    20 if args.quick else 200))
+            run_part(
+                report,
+                f"kernel_k{k}",
+                lambda k=k: kernel_us(gens["cuda"].vocab_size, k, 20 if args.quick else 200),
+            )
     gens.clear()  # the engines load their own
     run_part(report, "engine_cuda", lambda: asyncio.run(engine_figures("cuda", args.quick)))
     run_part(report, "engine_cpu", lambda: asyncio.run(engine_figures("cpu", True)))

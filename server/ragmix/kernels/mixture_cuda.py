@@ -94,9 +94,7 @@ def _block_first(key, ident, keys, ids):
     while step > 0:
         if tid < step:
             k2, i2 = keys[tid + step], ids[tid + step]
-            if i2 >= 0 and (
-                ids[tid] < 0 or k2 > keys[tid] or (k2 == keys[tid] and i2 < ids[tid])
-            ):
+            if i2 >= 0 and (ids[tid] < 0 or k2 > keys[tid] or (k2 == keys[tid] and i2 < ids[tid])):
                 keys[tid] = k2
                 ids[tid] = i2
         cuda.syncthreads()
