@@ -107,6 +107,8 @@ class EngineCore:
         # An encoder reads passage and question together (bidirectionally): no passage prefix
         # KV exists to cache for an encoder-decoder generator.
         cached = config.passage_cache_bytes > 0 and not generator.is_encoder_decoder
+        if config.passage_cache_bytes > 0 and not cached:
+            LOG.info("passage prefix cache off: %s is an encoder-decoder generator", generator.name)
         self.passage_cache = PassageCache(config.passage_cache_bytes) if cached else None
         # Called before every step that has work: tests hold a stream open with it.
         self.step_gate = step_gate
