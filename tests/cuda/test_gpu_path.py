@@ -153,3 +153,43 @@ def test_faiss_gpu_top_k_equals_the_cpu_index_on_flat():
     clear = np.hstack([edge, apart]) & np.hstack([apart, edge])  # apart from both neighbours
     assert clear.mean() > 0.5
     assert (got_rows[clear] == want_rows[clear]).all()
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_encoder_decoder_cuda_decoding_equals_cpu_decoding(family, tmp_path):
+    """The encoder's cross K/V written into the device cache, then decoder passes over it."""
+    from tiny_seq2seq import tiny_seq2seq_bundle
+
+    from ragmix.models.seq2seq import Seq2SeqGenerator
+
+    folder = tiny_seq2seq_bundle(tmp_path, family)
+    cpu = Seq2SeqGenerator.load(folder, providers=dev.Device("cpu").providers())
+    gpu = Seq2SeqGenerator.load(folder, providers=dev.Device("cuda", 0).providers())
+    for session in gpu.sessions:
+        dev.Device("cuda", 0).check_placed(session, "generator")
+    sources = [cpu.encode(p) for p in PROMPTS]
+    e = np.array([len(s) for s in sources], np.int64)
+    rows = [s + list(cpu.decoder_start_ids) for s in sources]
+    ids = np.full((len(rows), max(map(len, rows))), cpu.pad_token_id, np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    first = (np.array([len(r) for r in rows]) - 1)[:, None]
+    seen = {}
+    for name, gen, cache in (
+        ("cpu", cpu, cpu.new_cache(len(rows), ids.shape[1] + STEPS)),
+        ("cuda", gpu, gpu.device_cache(len(rows), ids.shape[1] + STEPS)),
+    ):
+        lengths = np.zeros(len(rows), np.int64)
+        logits = gen.forward(ids, lengths, first, cache, e)[:, 0]
+        lengths = np.array([len(r) for r in rows], np.int64)
+        out = []
+        for step in range(STEPS):
+            host = cupy.asnumpy(logits) if arrays.on_device(logits) else logits
+            out.append(host)
+            chosen = seen["cpu"][step].argmax(-1) if "cpu" in seen else host.argmax(-1)
+            index = np.zeros((len(rows), 1), np.int64)
+            logits = gen.forward(chosen[:, None], lengths, index, cache, e)[:, 0]
+            lengths = lengths + 1
+        seen[name] = out
+    for a, b in zip(seen["cpu"], seen["cuda"], strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-3 * max(1.0, float(np.abs(a).max())))
