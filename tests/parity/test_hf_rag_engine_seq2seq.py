@@ -34,6 +34,7 @@ KS = (1, 3, 5)
 NEW_TOKENS = 8
 MIN_GAP = 1e-4
 ATOL = 1e-5
+RTOL_F32 = 5e-7  # ~4 float32 ulps
 
 
 @pytest.fixture(scope="module", params=["bart", "t5"])
@@ -149,9 +150,11 @@ def test_engine_score_equals_hf_rag_losses(models, answer):
     with torch.no_grad():
         token_nll = float(token_model(**kw).loss[0])
         sequence_nll = float(sequence_model(**kw).loss[0])
-    # within 1e-5, or float32's own precision (1e-7 relative) for answers of over 100 nats
-    assert result.token.logprob == pytest.approx(-token_nll, abs=ATOL, rel=1e-7)
-    assert result.sequence.logprob == pytest.approx(-sequence_nll, abs=ATOL, rel=1e-7)
+    # Within 1e-5, or a few float32 ulps of the total where that is larger: the engine's
+    # per-token log-probs are float32 (ONNX logits, the Numba kernel), and a random tiny T5 spends
+    # 10-20 nats a token (77 nats differed by 1.4e-5, 173 by 1.1e-5, against float64 HF).
+    assert result.token.logprob == pytest.approx(-token_nll, abs=ATOL, rel=RTOL_F32)
+    assert result.sequence.logprob == pytest.approx(-sequence_nll, abs=ATOL, rel=RTOL_F32)
     assert result.token.logprob != pytest.approx(result.sequence.logprob, abs=1e-3)
 
 
