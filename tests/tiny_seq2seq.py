@@ -222,3 +222,19 @@ def rag_models(model, k: int) -> tuple[Any, Any]:
         config=config, question_encoder=question_encoder, generator=model
     )
     return token.eval(), sequence.eval()
+
+
+def shortest_passage_ids(gen: Any, index: Any, n: int) -> list[str]:
+    """Ids of the index's n passages with the shortest encoder inputs: tests choose their passages
+    rather than take what the tiny encoder retrieves (a passage of symbols can be ~1,000 byte
+    tokens in the tiny tokenizer, past the model's source positions)."""
+    from ragmix.engine.prompts import passage_text
+
+    passages = [index.passage(r) for r in range(index.size)]
+    size = {
+        p.id: len(gen.encode(passage_text(p.title, p.text, gen.passage_template))) for p in passages
+    }
+    return sorted(size, key=lambda i: (size[i], i))[:n]
+
+
+LONG_QUESTION = "§" * 700  # 2 bytes a character, 1,400 byte tokens: past 1,024 source positions

@@ -31,6 +31,21 @@ def bart_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def short_ids(bart_bundle, tiny_index_dir) -> list[str]:
+    """Three passages whose encoder inputs fit (the test picks them: see shortest_passage_ids)."""
+    from tiny_seq2seq import shortest_passage_ids
+
+    from ragmix.index import IndexBundle
+    from ragmix.models.seq2seq import Seq2SeqGenerator
+
+    index = IndexBundle.load(tiny_index_dir)
+    try:
+        return shortest_passage_ids(Seq2SeqGenerator.load(bart_bundle, threads=1), index, 3)
+    finally:
+        index.close()
+
+
+@pytest.fixture(scope="module")
 def stub(bart_bundle, tiny_encoder_dir, tiny_index_dir, tmp_path_factory):
     from conftest import start_server, stop_server
     from servers import tiny_args
@@ -57,9 +72,9 @@ def test_get_info_says_encoder_decoder_and_no_passage_cache(stub):
     assert not info.passage_cache
 
 
-def test_rag_token_streams_tokens_with_responsibilities_and_caches_nothing(stub):
+def test_rag_token_streams_tokens_with_responsibilities_and_caches_nothing(stub, short_ids):
     for _ in range(2):  # the same passages twice: an encoder has no passage prefix to reuse
-        events = generate(stub, top_k=3, decoding=pb.DecodingParams(max_new_tokens=6))
+        events = generate(stub, passage_ids=short_ids, decoding=pb.DecodingParams(max_new_tokens=6))
         tokens = [e.token for e in events if e.HasField("token")]
         done = events[-1].done
         assert tokens and all(len(t.responsibilities) == 3 for t in tokens)
@@ -69,12 +84,12 @@ def test_rag_token_streams_tokens_with_responsibilities_and_caches_nothing(stub)
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_rag_sequence_and_concat_answer(stub, fast):
+def test_rag_sequence_and_concat_answer(stub, short_ids, fast):
     decoding = pb.DecodingParams(max_new_tokens=5, num_beams=2, fast_sequence_decoding=fast)
-    events = generate(stub, top_k=3, mixture=pb.MIXTURE_SEQUENCE, decoding=decoding)
+    events = generate(stub, passage_ids=short_ids, mixture=pb.MIXTURE_SEQUENCE, decoding=decoding)
     done = events[-1].done
     assert done.sequences and len(done.posterior) == 3
-    concat = generate(stub, top_k=1, mixture=pb.MIXTURE_CONCAT,
+    concat = generate(stub, passage_ids=short_ids[:2], mixture=pb.MIXTURE_CONCAT,
                       decoding=pb.DecodingParams(max_new_tokens=4))  # fmt: skip
     assert concat[-1].done.usage.generated_tokens >= 1 and not concat[-1].done.posterior
 
@@ -88,10 +103,13 @@ def test_score_gives_all_three_mixtures(stub):
         assert m.logprob < 0 and abs(sum(m.token_logprobs) - m.logprob) < 1e-3
 
 
-def test_an_encoder_input_past_the_source_positions_is_refused(stub):
+def test_an_encoder_input_past_the_source_positions_is_refused(stub, short_ids):
+    from tiny_seq2seq import LONG_QUESTION
+
     with pytest.raises(grpc.RpcError) as e:
-        generate(stub, top_k=8, mixture=pb.MIXTURE_CONCAT)
+        generate(stub, query=LONG_QUESTION, passage_ids=short_ids[:1])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "source positions" in e.value.details() and "fewer passages" in e.value.details()
+    assert "source positions" in e.value.details() and "shorter question" in e.value.details()
     # the server is still serving
-    assert generate(stub, top_k=1, decoding=pb.DecodingParams(max_new_tokens=2))[-1].done
+    done = generate(stub, passage_ids=short_ids[:1], decoding=pb.DecodingParams(max_new_tokens=2))
+    assert done[-1].HasField("done")

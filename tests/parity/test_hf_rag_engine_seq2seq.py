@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_seq2seq import rag_models, tiny_seq2seq_bundle
+from tiny_seq2seq import LONG_QUESTION, rag_models, shortest_passage_ids, tiny_seq2seq_bundle
 
 from ragmix.engine.prompts import PromptTemplate, passage_text, tokenize_prompt
 from ragmix.models.seq2seq import Seq2SeqGenerator
@@ -88,17 +88,20 @@ def doc_scores(passages) -> torch.Tensor:
     return torch.log(torch.tensor([[p.prior for p in passages]], dtype=torch.float64)).float()
 
 
-async def greedy(engine, question: str, k: int, mixture_name: str = "TOKEN", **decoding):
+def passages_for(models, q: int, k: int) -> list[str]:
+    """Question q's K passages: from the index's shortest, rotated by q (see shortest_passage_ids)."""
+    gen, _, _, idx = models
+    pool = shortest_passage_ids(gen, idx, 12)
+    return [pool[(q + j) % len(pool)] for j in range(k)]
+
+
+async def greedy(engine, question: str, ids: list[str], mixture_name: str = "TOKEN", **decoding):
     from ragmix.engine.outputs import DoneEvent, PassagesEvent, TokenEvent
     from ragmix.engine.params import DecodingParams, Mixture, RetrievalParams
 
     params = DecodingParams(max_new_tokens=NEW_TOKENS, **decoding)
-    events = [
-        ev
-        async for ev in engine.generate(
-            RetrievalParams(question, top_k=k), params, Mixture[mixture_name]
-        )
-    ]
+    retrieval = RetrievalParams(question, passage_ids=ids)
+    events = [ev async for ev in engine.generate(retrieval, params, Mixture[mixture_name])]
     passages = next(e for e in events if isinstance(e, PassagesEvent)).passages
     done = next(e for e in events if isinstance(e, DoneEvent))
     return passages, [e for e in events if isinstance(e, TokenEvent)], done
@@ -110,7 +113,10 @@ def test_engine_rag_token_greedy_equals_hf_generate(models, k):
     token_model, _ = rag_models(model, k)
 
     async def ask_all(engine):
-        return [await greedy(engine, q, k, top_n=2) for q in QUESTIONS]
+        return [
+            await greedy(engine, question, passages_for(models, q, k), top_n=2)
+            for q, question in enumerate(QUESTIONS)
+        ]
 
     for question, (passages, tokens, done) in zip(QUESTIONS, run(models, ask_all), strict=True):
         assert len(passages) == k and done.usage.cached_prompt_tokens == 0
@@ -138,7 +144,8 @@ def test_engine_score_equals_hf_rag_losses(models, answer):
     token_model, sequence_model = rag_models(copy.deepcopy(model).double(), k)
 
     async def score(engine):
-        return await engine.score(RetrievalParams(QUESTIONS[0], top_k=k), answer)
+        ids = passages_for(models, 0, k)
+        return await engine.score(RetrievalParams(QUESTIONS[0], passage_ids=ids), answer)
 
     passages, result = run(models, score)
     ids, mask = context(gen, passages, QUESTIONS[0])
@@ -194,7 +201,8 @@ def test_rag_sequence_thorough_equals_hf_thorough_decoding(models, k):
     _, sequence_model = rag_models(model, k)
 
     async def ask(engine):
-        return await greedy(engine, QUESTIONS[0], k, "SEQUENCE", num_beams=beams)
+        return await greedy(engine, QUESTIONS[0], passages_for(models, 0, k), "SEQUENCE",
+                            num_beams=beams)  # fmt: skip
 
     passages, tokens, done = run(models, ask)
     ids, mask = context(gen, passages, QUESTIONS[0])
@@ -205,15 +213,16 @@ def test_rag_sequence_thorough_equals_hf_thorough_decoding(models, k):
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_every_mixture_streams_an_answer_and_concat_is_refused_past_the_source(models, fast):
+def test_every_mixture_streams_an_answer_and_a_source_too_long_is_refused(models, fast):
     from ragmix.errors import ValidationError
 
     async def ask(engine):
-        seq = await greedy(engine, QUESTIONS[1], 3, "SEQUENCE", num_beams=2,
+        three = passages_for(models, 1, 3)
+        seq = await greedy(engine, QUESTIONS[1], three, "SEQUENCE", num_beams=2,
                            fast_sequence_decoding=fast)  # fmt: skip
-        concat = await greedy(engine, QUESTIONS[1], 1, "CONCAT")
+        concat = await greedy(engine, QUESTIONS[1], three[:2], "CONCAT")
         with pytest.raises(ValidationError, match="source positions"):
-            await greedy(engine, QUESTIONS[1], 8, "CONCAT")
+            await greedy(engine, LONG_QUESTION, three[:1], "CONCAT")
         return seq, concat
 
     (_, seq_tokens, seq_done), (_, concat_tokens, concat_done) = run(models, ask)
