@@ -27,8 +27,8 @@ language model writes the answer using the passage above. {Braces} and "quotes" 
 """
 
 
-def build_tiny_tokenizer(folder: Path, vocab_size: int = 400) -> int:
-    """Train a byte-level BPE on a fixed text and save tokenizer.json; returns the vocab size."""
+def train_tiny_tokenizer(specials: list[str], vocab_size: int = 400):
+    """A byte-level BPE trained on the fixed text, `specials` first (ids 0, 1, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -36,11 +36,18 @@ def build_tiny_tokenizer(folder: Path, vocab_size: int = 400) -> int:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator([TRAINING_TEXT] * 4, trainer=trainer)
+    return tokenizer
+
+
+def build_tiny_tokenizer(folder: Path, vocab_size: int = 400) -> int:
+    """Train the tiny BPE with the causal LMs' special tokens and save tokenizer.json; returns
+    the vocab size."""
+    tokenizer = train_tiny_tokenizer(SPECIAL_TOKENS, vocab_size)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     return tokenizer.get_vocab_size()

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tiny_models import TRAINING_TEXT
+from tiny_models import train_tiny_tokenizer
 
 FAMILIES = ("bart", "mbart", "t5")
 BART_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as facebook/bart-*
@@ -24,18 +24,9 @@ PAD_BIAS = -50.0  # final_logits_bias at PAD: random models would emit it mid-an
 def build_tiny_tokenizer(folder: Path, specials: list[str], single: str, vocab_size: int = 400):
     """A byte-level BPE on the fixed text with `specials` first and a post-processor that adds
     them as `single` (e.g. "<s> $A </s>") does; saves tokenizer.json, returns the vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([TRAINING_TEXT] * 4, trainer=trainer)
+    tokenizer = train_tiny_tokenizer(specials, vocab_size)
     used = [t for t in specials if t in single.split()]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=single,
