@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ragmix.errors import BundleError
+from ragmix.models.generator import TITLE_LINE
 
 PASSAGE_SLOT = "{passage}"
 QUESTION_SLOT = "{question}"
@@ -58,9 +59,6 @@ class PromptTemplate:
 
     def rest(self, question: str) -> str:
         return self.middle[self.split :] + question + self.tail
-
-
-TITLE_LINE = "{title}\n{text}"
 
 
 def passage_text(title: str, text: str, form: str = TITLE_LINE) -> str:

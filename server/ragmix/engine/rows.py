@@ -13,8 +13,8 @@ row i's KV is slots [0, lengths[i]) of row i of every buffer):
 
 Buffers are [max_rows, kv_heads, capacity, head_dim] per layer, in the generator's device memory
 (models/arrays.py: numpy on the CPU, zeroed lazily by the OS so rows never used cost no memory;
-CuPy on a GPU, so decode passes copy nothing to the host); only when a row needs more slots than the capacity are they
-reallocated (by half again at least), copying the live rows' slots.
+CuPy on a GPU, so decode passes copy nothing to the host); only when a row needs more slots
+than the capacity are they reallocated (by half again at least), copying the live rows' slots.
 """
 
 from __future__ import annotations

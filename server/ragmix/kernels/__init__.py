@@ -2,8 +2,9 @@
 
 `mixture_step` and `row_logprobs` are the Numba versions; `reference` holds their plain-numpy twins,
 which define the results. `mixture_step` given logits on a CUDA device (anything with
-`__cuda_array_interface__`) runs `mixture_cuda`'s kernels there instead. Call `warmup()` once at server start so no request pays for JIT (the
-compiled code is also cached on disk next to the sources).
+`__cuda_array_interface__`) runs `mixture_cuda`'s kernels there instead. Call `warmup()` once at
+server start so no request pays for JIT (the compiled code is also cached on disk next to the
+sources).
 """
 
 from __future__ import annotations

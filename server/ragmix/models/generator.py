@@ -56,6 +56,10 @@ def default_providers() -> list[str]:
     return [p for p in preferred if p in available]
 
 
+TITLE_LINE = "{title}\n{text}"
+"""How a decoder-only prompt's {passage} slot shows a passage: its title line, then its text."""
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """All graph optimisations on, `threads` intra-op threads (None: onnxruntime's choice)."""
     options = ort.SessionOptions()
@@ -115,7 +119,7 @@ class Generator(SlotCacheModel):
 
     is_encoder_decoder = False
     decoder_start_ids: tuple[int, ...] = ()  # a decoder-only prompt is the decoder's input
-    passage_template = "{title}\n{text}"
+    passage_template = TITLE_LINE
 
     def __init__(
         self,
