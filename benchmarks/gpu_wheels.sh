@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fill a folder with the wheels benchmarks/gpu_check.sh installs on an offline CUDA machine
-# (Python 3.12, x86-64, CUDA 13; see ../shared/notes/gpu-facts.md for what such a machine has):
+# (Python 3.12, x86-64, CUDA 13 driver, no network; benchmarks/README.md § GPU says what it does):
 #   bash benchmarks/gpu_wheels.sh [DIR]        (default: shared/wheels)
 # onnxruntime-gpu (CUDA 13 build), faiss-cpu (the index of record; FAISS's GPU wheel needs CUDA 12's
 # cuBLAS, several hundred MB more: FAISS_GPU=1 adds it), the default generator's GGUF package, and
